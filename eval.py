@@ -1,0 +1,124 @@
+"""Evaluate a policy on an env's held-out split: greedy pass@1, avg@k and unbiased pass@k.
+
+    python eval.py --env math --model smollm2-135m --split test --n 64 --k 4
+
+prints a table and writes the same numbers as JSON. `evaluate()` is also what train.py calls for
+its held-out evaluations, so training curves and this script measure the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import time
+from collections import Counter
+
+import torch
+
+from envs import load_tasks, make_env
+from rollout import rollout
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(trajs, k: int | None = None) -> dict:
+    """Success, tool use, length and finish statistics of a list of trajectories (grouped by task)."""
+    n = max(len(trajs), 1)
+    out = {
+        "success": sum(t.success for t in trajs) / n,
+        "reward": sum(t.outcome for t in trajs) / n,
+        "tool_calls": sum(t.n_tool_calls for t in trajs) / n,
+        "tool_use_rate": sum(t.n_tool_calls > 0 for t in trajs) / n,
+        "turns": sum(t.n_turns for t in trajs) / n,
+        "steps": sum(t.n_steps for t in trajs) / n,
+        "invalid_rate": sum(t.n_invalid for t in trajs) / max(sum(t.n_steps for t in trajs), 1),
+        "sampled_tokens": sum(t.n_sampled for t in trajs) / n,
+        "total_tokens": sum(len(t.tokens) for t in trajs) / n,
+        "infra_errors": sum(t.infra_error for t in trajs),
+        "finish": dict(Counter(t.finish for t in trajs)),
+    }
+    if k is not None:
+        by_task: dict[str, list] = {}
+        for t in trajs:
+            by_task.setdefault(t.task_id, []).append(t.success)
+        out[f"pass@{k}"] = sum(pass_at_k(len(v), sum(v), k) for v in by_task.values()) / max(len(by_task), 1)
+    return out
+
+
+def evaluate(model, tok, env_name: str, tasks: list[dict], *, k: int = 0, temperature: float = 1.0, top_p: float = 1.0,
+             seed: int = 0, env_kw: dict | None = None, **budgets) -> dict:
+    """Greedy pass@1 on every task, and (if k > 0) k samples per task for avg@k and pass@k."""
+    env_fn = functools.partial(make_env, env_name, **(env_kw or {}))
+    t0 = time.time()
+    greedy = rollout(model, tok, tasks, env_fn, 1, temperature=0.0, **budgets)
+    res = {"n_tasks": len(tasks), "greedy": summarize(greedy), "greedy_seconds": time.time() - t0}
+    res["pass@1"] = res["greedy"]["success"]
+    if k > 0:
+        t0 = time.time()
+        g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        sampled = rollout(model, tok, tasks, env_fn, k, temperature=temperature, top_p=top_p, generator=g, **budgets)
+        res["sampled"] = summarize(sampled, k)
+        res[f"avg@{k}"], res[f"pass@{k}"] = res["sampled"]["success"], res["sampled"][f"pass@{k}"]
+        res["sampled_seconds"] = time.time() - t0
+    res["examples"] = [t.text[:1500] for t in greedy[:3]]
+    return res
+
+
+def format_table(res: dict, k: int) -> str:
+    rows = [("greedy pass@1", res["pass@1"])]
+    if k > 0:
+        rows += [(f"avg@{k} (T={res['temperature']})", res[f"avg@{k}"]), (f"pass@{k} (unbiased)", res[f"pass@{k}"])]
+    lines = [f"{name:<28}{v:>8.3f}" for name, v in rows]
+    for mode in ("greedy", "sampled"):
+        if mode in res:
+            s = res[mode]
+            lines.append(f"{mode:<8} tool calls/traj {s['tool_calls']:.2f}  tool-use rate {s['tool_use_rate']:.2f}  "
+                         f"turns {s['turns']:.2f}  sampled tok {s['sampled_tokens']:.0f}  total tok "
+                         f"{s['total_tokens']:.0f}  invalid {s['invalid_rate']:.2f}  finish {s['finish']}")
+    lines.append(f"time: greedy {res['greedy_seconds']:.0f}s" +
+                 (f", sampled {res['sampled_seconds']:.0f}s" if "sampled_seconds" in res else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="math", choices=["math", "household", "shop"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data", default=None, help="math: JSONL of {question, answer} instead of generated tasks")
+    p.add_argument("--n", type=int, default=64, help="number of tasks")
+    p.add_argument("--k", type=int, default=4, help="samples per task for avg@k / pass@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_turns", type=int, default=4)
+    p.add_argument("--max_turn_tokens", type=int, default=256)
+    p.add_argument("--max_total_tokens", type=int, default=1536)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON output path (default runs/eval/<env>-<model>-<split>.json)")
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    from model import load_model
+    model, tok = load_model(a.model)
+    tasks = load_tasks(a.env, a.split, n=a.n, data=a.data)
+    res = evaluate(model, tok, a.env, tasks, k=a.k, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                   max_turns=a.max_turns, max_turn_tokens=a.max_turn_tokens, max_total_tokens=a.max_total_tokens)
+    res.update(env=a.env, model=a.model, split=a.split, temperature=a.temperature, top_p=a.top_p)
+    print(format_table(res, a.k))
+    out = a.out or os.path.join("runs", "eval", f"{a.env}-{os.path.basename(a.model.rstrip('/'))}-{a.split}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Batched multi-turn sampler: one KV cache per row across turns, token-in / token-out.
+
+A `Trajectory` is one group member's whole episode as ONE token list (DESIGN §3):
+    prompt | sampled turn 1 | observation 1 | sampled turn 2 | ...
+with loss_mask = 1 exactly on the tokens the policy sampled. Sampled tokens are never re-tokenized.
+
+How a wave of P tasks x G group members runs:
+  1. each distinct prompt is prefilled once (left-padded batch of P), and the cache is fanned out to
+     the P*G rows (`batch_repeat_interleave`);
+  2. all live rows decode their turn in lockstep (one token per row per forward); a row whose turn
+     ended (end-of-turn token, an env stop string, the per-turn cap) feeds a masked hole until the
+     slowest row finishes its turn;
+  3. the envs step (in a thread pool: the math env runs code in the sandbox); rows whose episode
+     ended leave the batch (`batch_select_indices`); the others get their observation tokens
+     prefilled (left-padded within the chunk) and the next turn starts.
+Holes never shift positions (position_ids count real tokens only) and are masked from attention, so
+every row sees exactly the sequence its Trajectory records. Rows run in waves sized by a KV-cache
+memory budget, so thousands of trajectories never need one giant cache.
+"""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from model import kv_bytes_per_token
+
+
+@dataclass
+class Trajectory:
+    tokens: list[int]  # (L,) prompt | turn | obs | turn ...
+    loss_mask: list[int]  # (L,) 1 on sampled tokens
+    logprobs: list[float]  # (L,) sampling log-probs at temperature T (0 where mask = 0)
+    prompt_len: int
+    task_id: str
+    group: int  # index of the task in the batch: rows with the same group share a prompt
+    outcome: float = 0.0  # env reward (math: +1 / -1)
+    success: bool = False
+    n_tool_calls: int = 0
+    n_turns: int = 0
+    n_steps: int = 0
+    n_invalid: int = 0
+    toolcall_bonus: float = 0.0
+    finish: str = ""  # answer | void | max_turns | budget
+    void: bool = False
+    infra_error: bool = False
+    reward: float = 0.0  # shaped R, filled in by the trainer
+    text: str = ""  # decoded sampled turns + observations, for logs
+    turns: list[str] = field(default_factory=list)  # decoded assistant turns
+
+    @property
+    def n_sampled(self) -> int:
+        return sum(self.loss_mask)
+
+
+class ChatFormat:
+    """Token-level chat rendering for one tokenizer, derived from its own chat template.
+
+    closing  : tokens that end an assistant turn (e.g. `<|im_end|>` `\\n`),
+    obs_pre  : tokens before an observation's text in a user turn (e.g. `<|im_start|>user\\n`),
+    obs_post : tokens after it, through the next generation prompt.
+    All three come from diffing the template's rendering of a fixed dummy conversation; the prefix
+    property (render(conv) is a prefix of render(conv + [obs])) is checked once. Template text is
+    split at special tokens; observation text is tokenized with special tokens disabled, so a tool
+    printing `<|im_end|>` cannot forge a turn. Adjacent plain text is tokenized together, exactly
+    as the tokenizer does on the whole rendered string.
+    """
+
+    def __init__(self, tok):
+        self.tok = tok
+        specials = sorted(set(tok.all_special_tokens) | set(getattr(tok, "added_tokens_encoder", {})), key=len,
+                          reverse=True)
+        self.special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        A, O = "\x00ASSISTANT\x00", "\x00OBSERVATION\x00"
+        conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": A}]
+        r1 = tok.apply_chat_template(conv, tokenize=False)
+        r2 = tok.apply_chat_template(conv + [{"role": "user", "content": O}], tokenize=False,
+                                     add_generation_prompt=True)
+        if not r2.startswith(r1) or r1.count(A) != 1 or r2.count(O) != 1:
+            raise ValueError("this tokenizer's chat template is not append-only (render(conv) is not a prefix of "
+                             "render(conv + [user])), so multi-turn token-in/token-out is impossible with it. "
+                             "Fix: use a model whose template keeps earlier turns verbatim (e.g. Qwen2.5, SmolLM2).")
+        closing = r1[r1.index(A) + len(A):]
+        pre, post = r2[len(r1):].split(O)
+        self.closing = self.encode([(closing, True)])
+        self.obs_pre_text, self.obs_post_text = pre, post
+        self._triggers: dict = {}
+        self.eos_ids = {tok.eos_token_id} | ({tok.convert_tokens_to_ids("<|im_end|>")} if "<|im_end|>" in tok.get_vocab()
+                                             else set())
+
+    def stop_trigger(self, stop_strings) -> torch.Tensor:
+        """(V,) bool: tokens whose text holds the last character of a stop string. Only after such a
+        token does the sampler decode the turn and ask the env whether it is over (no per-token decode)."""
+        key = tuple(stop_strings)
+        if key not in self._triggers:
+            chars = {s[-1] for s in stop_strings}
+            texts = self.tok.batch_decode([[i] for i in range(len(self.tok))])
+            self._triggers[key] = torch.tensor([any(c in t for c in chars) for t in texts], dtype=torch.bool)
+        return self._triggers[key]
+
+    def encode(self, segments: list[tuple[str, bool]]) -> list[int]:
+        """Tokenize (text, trusted) segments: special tokens are recognised only in trusted text."""
+        parts: list = []  # str for plain text, int for a special token id
+        for text, trusted in segments:
+            pieces = self.special_re.split(text) if (trusted and self.special_re) else [text]
+            for i, p in enumerate(pieces):
+                if trusted and i % 2 == 1:
+                    parts.append(self.tok.convert_tokens_to_ids(p))
+                elif p:
+                    if parts and isinstance(parts[-1], str):
+                        parts[-1] += p
+                    else:
+                        parts.append(p)
+        ids: list[int] = []
+        for p in parts:
+            ids += [p] if isinstance(p, int) else self.tok(p, add_special_tokens=False, split_special_tokens=True).input_ids
+        return ids
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode([(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True)])
+
+    def observation(self, obs: str, ended_with_eos: bool) -> list[int]:
+        """Tokens appended after a sampled turn: the rest of the turn's closing, then the user turn."""
+        closing = self.closing[1:] if ended_with_eos and self.closing and self.closing[0] in self.eos_ids else self.closing
+        return closing + self.encode([(self.obs_pre_text, True), (obs, False), (self.obs_post_text, True)])
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None):
+    """logits (R, V) -> tokens (R,), log-probs (R,) under softmax(logits / T) (before top-p truncation;
+    the trainer scores tokens with the same tempered distribution). T = 0 is greedy (log-probs at T = 1)."""
+    logits = logits.float()
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, -1)  # (R, V)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix with mass >= top_p
+        probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_turns: int = 4,
+            max_turn_tokens: int = 256, max_total_tokens: int = 2048, temperature: float = 1.0, top_p: float = 1.0,
+            generator: torch.Generator | None = None, kv_budget_gb: float | None = None,
+            fmt: ChatFormat | None = None) -> list[Trajectory]:
+    """Run len(tasks) * group_size episodes; returns them grouped: tasks[0] x G, tasks[1] x G, ...
+
+    env_fn() -> a fresh Env (one per row). Budgets: per-turn token cap, turn cap, and a total token
+    budget per trajectory (prompt + everything); a trajectory that hits one ends with finish = which.
+    """
+    fmt = fmt or ChatFormat(tok)
+    device = next(model.parameters()).device
+    if kv_budget_gb is None:
+        kv_budget_gb = 0.5 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
+    # Lockstep turns leave holes in the cache, so a row's cache can reach ~1.5x its token budget.
+    rows_fit = max(1, int(kv_budget_gb * 2**30 // (kv_bytes_per_token(model) * max_total_tokens * 1.5)))
+    tasks_per_wave = max(1, rows_fit // group_size)
+    out: list[Trajectory] = []
+    for w in range(0, len(tasks), tasks_per_wave):
+        out += _wave(model, fmt, tasks[w:w + tasks_per_wave], w, env_fn, group_size, max_turns, max_turn_tokens,
+                     max_total_tokens, temperature, top_p, generator, device)
+    return out
+
+
+def _forward(model, ids, attn, pos, cache):
+    """One cached forward of new tokens ids (R, n) -> next-token logits (R, V) at the last column."""
+    o = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    return o.logits[:, -1]
+
+
+def _left_pad(seqs: list[list[int]], pad: int, device):
+    """Left-pad token lists -> ids (R, n), mask (R, n)."""
+    n = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (n - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_total_tokens, temperature, top_p,
+          generator, device):
+    tok = fmt.tok
+    pad = tok.pad_token_id
+    envs = [env_fn() for _ in range(len(tasks) * G)]
+    prompts = [fmt.prompt(envs[i * G].reset(t)) for i, t in enumerate(tasks)]
+    for i, t in enumerate(tasks):
+        for e in envs[i * G + 1:(i + 1) * G]:
+            e.reset(t)
+    for p in prompts:
+        if len(p) + 1 > max_total_tokens:
+            raise ValueError(f"the prompt has {len(p)} tokens but max_total_tokens is {max_total_tokens}. "
+                             f"Fix: raise --max_total_tokens (or shorten the prompt).")
+    trajs = [Trajectory(tokens=list(prompts[i // G]), loss_mask=[0] * len(prompts[i // G]),
+                        logprobs=[0.0] * len(prompts[i // G]), prompt_len=len(prompts[i // G]),
+                        task_id=str(tasks[i // G]["id"]), group=offset + i // G) for i in range(len(envs))]
+    trigger = fmt.stop_trigger(envs[0].stop_strings).to(device)
+    eos = torch.tensor(sorted(fmt.eos_ids), device=device)
+
+    # 1. prefill each distinct prompt once, then fan the cache out to its G rows
+    cache = DynamicCache()
+    ids, attn = _left_pad(prompts, pad, device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = _forward(model, ids, attn, pos, cache)
+    cache.batch_repeat_interleave(G)
+    attn, logits = attn.repeat_interleave(G, 0), logits.repeat_interleave(G, 0)
+    next_pos = attn.sum(-1)  # (R,) position of each row's next token
+    rows = list(range(len(envs)))  # trajectory index of each live cache row
+    pool = ThreadPoolExecutor(max_workers=8)
+
+    for turn in range(max_turns):
+        R = len(rows)
+        turn_toks: list[list[int]] = [[] for _ in range(R)]
+        turn_lps: list[list[float]] = [[] for _ in range(R)]
+        active = torch.ones(R, dtype=torch.bool, device=device)  # still sampling this turn
+        ended_eos = [False] * R
+        cut = [False] * R  # the turn hit the per-turn cap or the total budget
+        room = [min(max_turn_tokens, max_total_tokens - len(trajs[r].tokens)) for r in rows]
+        # 2. lockstep decode of one turn
+        while True:
+            nxt, lp = sample_next(logits, temperature, top_p, generator)  # (R,), (R,)
+            nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
+            is_eos = torch.isin(nxt, eos) & active
+            check = (trigger[nxt] & active).tolist()
+            nxt_l, lp_l, eos_l, act_l = nxt.tolist(), lp.tolist(), is_eos.tolist(), active.tolist()
+            for j in range(R):
+                if not act_l[j]:
+                    continue
+                turn_toks[j].append(nxt_l[j])
+                turn_lps[j].append(lp_l[j])
+                done = eos_l[j]
+                ended_eos[j] = done
+                if not done and check[j]:
+                    done = envs[rows[j]].is_stop(tok.decode(turn_toks[j]))
+                if not done and len(turn_toks[j]) >= room[j]:
+                    done, cut[j] = True, True
+                if done:
+                    active[j] = False
+            step_mask = torch.tensor(act_l, device=device, dtype=attn.dtype)[:, None]  # tokens fed this step
+            attn = torch.cat([attn, step_mask], 1)
+            logits = _forward(model, nxt[:, None], attn, next_pos[:, None], cache)
+            next_pos = next_pos + step_mask[:, 0].long()
+            if not active.any():
+                break
+        # 3. record the turn, step the envs, drop finished rows, prefill observations
+        for j, r in enumerate(rows):
+            t = trajs[r]
+            t.tokens += turn_toks[j]
+            t.loss_mask += [1] * len(turn_toks[j])
+            t.logprobs += turn_lps[j]
+            t.n_turns += 1
+            text = tok.decode(turn_toks[j][:-1] if ended_eos[j] else turn_toks[j])
+            t.turns.append(text)
+            t.text += text + "\n"
+        results = list(pool.map(lambda j: envs[rows[j]].step(trajs[rows[j]].turns[-1]), range(R)))
+        keep, suffixes = [], []
+        for j, r in enumerate(rows):
+            obs, done, info = results[j]
+            t = trajs[r]
+            if done:  # a turn cut by a token cap that leaves no action counts as over budget, not void
+                t.finish = ("max_turns" if info.get("truncated") else
+                            ("budget" if cut[j] else "void") if envs[r].void else "answer")
+            elif turn == max_turns - 1:
+                t.finish = "max_turns"
+            else:
+                suffix = fmt.observation(obs, ended_eos[j])
+                if len(t.tokens) + len(suffix) + 1 > max_total_tokens:
+                    t.finish = "budget"
+                else:
+                    t.tokens += suffix
+                    t.loss_mask += [0] * len(suffix)
+                    t.logprobs += [0.0] * len(suffix)
+                    t.text += obs + "\n"
+                    keep.append(j)
+                    suffixes.append(suffix)
+        if not keep:
+            break
+        idx = torch.tensor(keep, device=device)
+        if len(keep) < R:
+            cache.batch_select_indices(idx)
+            attn, next_pos = attn[idx], next_pos[idx]
+        rows = [rows[j] for j in keep]
+        ids, m = _left_pad(suffixes, pad, device)
+        pos = next_pos[:, None] + (m.cumsum(-1) - 1).clamp(min=0)
+        attn = torch.cat([attn, m], 1)
+        logits = _forward(model, ids, attn, pos, cache)
+        next_pos = next_pos + m.sum(-1)
+    pool.shutdown()
+
+    for t, e in zip(trajs, envs):
+        t.outcome, t.success = float(e.reward), bool(e.success)
+        t.n_tool_calls, t.n_steps, t.n_invalid = e.n_tool_calls, e.n_steps, e.n_invalid
+        t.toolcall_bonus, t.void, t.infra_error = float(e.toolcall_bonus()), bool(e.void), bool(e.infra_error)
+    return trajs
