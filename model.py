@@ -120,6 +120,25 @@ def resolve(name: str) -> str:
     return ALIASES.get(name, name)
 
 
+def _check_reachable(name: str, path: str) -> None:
+    """Fail at once (not after minutes of download retries) when a hub id is neither cached nor reachable."""
+    if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ModelNotFound(
+            f"model '{name}' ({path}) is not a local directory, not in the Hugging Face cache, and {host} is "
+            f"unreachable from this machine.\nFix: download it where there is network (huggingface-cli download "
+            f"{path}) and pass the directory, or use --model {BUNDLED} (bundled, offline) / {TINY}.") from None
+
+
 def load_model(name: str = BUNDLED, device=None, dtype=None):
     """Return (model, tokenizer) on `device` in `dtype`, in train mode is left to the caller (eval mode here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,6 +149,7 @@ def load_model(name: str = BUNDLED, device=None, dtype=None):
         model = tiny_random_model(tok)
     else:
         path = resolve(name)
+        _check_reachable(name, path)
         try:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
