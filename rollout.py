@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from model import kv_bytes_per_token
 
@@ -145,6 +145,49 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+class GrowingLayer(DynamicLayer):
+    """A KV-cache layer that appends in place into preallocated room (grown in chunks of `CHUNK`
+    tokens), instead of HF's torch.cat per decoded token, which copies the whole cache every step."""
+    CHUNK = 256
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.n, self._k, self._v = 0, key_states[:, :, :0], value_states[:, :, :0]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        if self.n + n > self._k.shape[2]:  # grow: one copy per CHUNK tokens
+            B, H, _, D = key_states.shape
+            cap = self.n + n + self.CHUNK
+            k, v = key_states.new_empty(B, H, cap, D), value_states.new_empty(B, H, cap, value_states.shape[3])
+            k[:, :, :self.n], v[:, :, :self.n] = self._k[:, :, :self.n], self._v[:, :, :self.n]
+            self._k, self._v = k, v
+        self._k[:, :, self.n:self.n + n] = key_states
+        self._v[:, :, self.n:self.n + n] = value_states
+        self.n += n
+        self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n if self.is_initialized else 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k = self._k[:, :, :self.n].repeat_interleave(repeats, 0)
+        self._v = self._v[:, :, :self.n].repeat_interleave(repeats, 0)
+        self.keys, self.values = self._k, self._v
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+
+
+class GrowingCache(Cache):
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=GrowingLayer)
+
+
 @torch.no_grad()
 def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_turns: int = 4,
             max_turn_tokens: int = 256, max_total_tokens: int = 2048, temperature: float = 1.0, top_p: float = 1.0,
@@ -204,7 +247,7 @@ def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_
     eos = torch.tensor(sorted(fmt.eos_ids), device=device)
 
     # 1. prefill each distinct prompt once, then fan the cache out to its G rows
-    cache = DynamicCache()
+    cache = GrowingCache()
     ids, attn = _left_pad(prompts, pad, device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = _forward(model, ids, attn, pos, cache)
