@@ -168,6 +168,12 @@ def load_model(name: str = BUNDLED, device=None, dtype=None):
     return model, tok
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op on CPU, where fp32 is faster."""
+    import contextlib
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def save_model(model, tok, path: str) -> None:
     """HF save_pretrained weights + tokenizer: the directory is itself a valid --model."""
     model.save_pretrained(path, safe_serialization=True)

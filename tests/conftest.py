@@ -65,3 +65,55 @@ class ScriptedEnv:
 @pytest.fixture
 def scripted_env():
     return ScriptedEnv
+
+
+class ToyEnv:
+    """One-token episodes: outcome +1 if the sampled token lies in GOOD, else -1. GOOD = the tokens whose
+    (tiny-random) output embedding points along a fixed random direction, so about half the vocabulary
+    and learnable through the hidden state: any correct policy-gradient method raises success within
+    a few steps, and a sign error lowers it."""
+    name = "toy"
+    stop_strings = ()
+    GOOD: set = set()
+    tok = None
+
+    def __init__(self, **kw):
+        self.reward, self.success, self.void, self.infra_error = -1.0, False, False, False
+        self.n_tool_calls = self.n_steps = self.n_invalid = 0
+
+    def is_stop(self, text):
+        return False
+
+    def reset(self, task):
+        return [{"role": "user", "content": task["question"]}]
+
+    def step(self, text):
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        self.n_steps += 1
+        self.success = bool(ids) and ids[0] in self.GOOD
+        self.n_tool_calls = int(self.success)  # lets the SPEAR admission rule (>= 1 tool call) apply
+        self.reward = 1.0 if self.success else -1.0
+        return None, True, {}
+
+    def toolcall_bonus(self):
+        return 0.0
+
+
+def toy_tasks(name, split, n=None, data=None, seed=0, **kw):
+    return [{"id": f"toy/{split}/{i}", "question": f"Say something #{i}."} for i in range(n or 64)]
+
+
+@pytest.fixture
+def toy_train(monkeypatch, tok):
+    """train.py with its env swapped for ToyEnv (everything else is the real trainer)."""
+    from model import tiny_random_model
+    if not ToyEnv.GOOD:
+        W = tiny_random_model(tok, seed=0).lm_head.weight.detach()  # (V, H): the model train.py starts from
+        u = torch.randn(W.shape[1], generator=torch.Generator().manual_seed(123))
+        ToyEnv.GOOD, ToyEnv.tok = set(torch.nonzero(W @ u > 0).flatten().tolist()), tok
+    import eval as eval_mod
+    import train
+    monkeypatch.setattr(train, "make_env", lambda name, **kw: ToyEnv())
+    monkeypatch.setattr(train, "load_tasks", toy_tasks)
+    monkeypatch.setattr(eval_mod, "make_env", lambda name, **kw: ToyEnv())
+    return train
