@@ -26,7 +26,7 @@ from buffer import ReplayBuffer
 from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from curriculum import sil_coef, toolcall_weight
 from envs import load_tasks, make_env
-from loss import group_advantages, policy_loss, response_filter_reasons, std_group_filter
+from loss import agg_loss, group_advantages, policy_loss, response_filter_reasons, std_group_filter
 from model import autocast, load_model, token_logprobs
 from rollout import ChatFormat, rollout
 
@@ -42,7 +42,7 @@ class Config:
     out_dir: str = "runs"
     seed: int = 0
     # batch and budgets
-    steps: int = 20
+    steps: int = 14
     train_batch_size: int = 8  # P tasks per step
     n: int = 4  # G rollouts per task (group size)
     max_turns: int = 3
@@ -52,7 +52,7 @@ class Config:
     top_p: float = 1.0
     micro_token_budget: int = 4096  # max padded tokens per micro-batch (memory stays bounded)
     # optimizer
-    lr: float = 1e-6
+    lr: float = 1e-5  # paper: 1e-6 for 1.5B-32B models over 200+ steps
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     entropy_coeff: float = 0.0
@@ -85,9 +85,9 @@ class Config:
     weight_decay_trajectory_replay: float = -1.0  # -1: A' = R - p50 baseline; w in (0, 1]: A' = w A
     baseline_buffer_size: int = 10240
     # evaluation, logging, checkpoints
-    eval_every: int = 10
+    eval_every: int = 7
     eval_n: int = 32
-    ckpt_every: int = 10
+    ckpt_every: int = 7
     keep_ckpts: int = 2
     resume: str = "none"  # none | auto | path to a checkpoint dir
     device: str | None = None
@@ -185,7 +185,10 @@ def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, 
     """Forward+backward of one loss (on-policy or SIL) over micro-batches; returns metrics and old log-probs.
 
     Each micro-batch contributes its share of the mini-batch normalizers (global_tokens / global_seqs),
-    so the accumulated gradient equals one big batch's gradient for any micro-batch size."""
+    so the accumulated gradient equals one big batch's gradient for any micro-batch size. Sequences
+    with A = 0 (e.g. all-fail groups) have exactly zero loss and gradient: without an entropy bonus
+    they are skipped (no forward/backward) but stay in the normalizers, so the gradient is unchanged;
+    Clip-Cov's covariance and the logged entropy are then over the trained tokens."""
     global_tokens = sum(sum(s["loss_mask"]) for s in seqs)
     kw = dict(clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,
               agg_mode=cfg.loss_agg_mode, max_len=min(cfg.max_turns * cfg.max_turn_tokens, cfg.max_total_tokens),
@@ -196,9 +199,12 @@ def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, 
                   cov_ub=getattr(cfg, "clip_cov_ub" + sfx))
     elif cfg.loss_mode == "kl_cov":
         kw.update(cov_ratio=cfg.kl_cov_ratio, kl_cov_coef=cfg.kl_cov_coef)
+    work = [i for i, s in enumerate(seqs) if s["advantage"] != 0 or cfg.entropy_coeff]
     sums: dict[str, float] = {}
+    total_loss, trained_tokens = 0.0, 0.0
     old_logps: dict[int, list[float]] = {}
-    for mb in pack_micro_batches([len(s["tokens"]) for s in seqs], cfg.micro_token_budget):
+    for mb in pack_micro_batches([len(seqs[i]["tokens"]) for i in work], cfg.micro_token_budget):
+        mb = [work[j] for j in mb]
         T = max(len(seqs[i]["tokens"]) for i in mb)
         pad = lambda key, fill: torch.tensor([seqs[i][key] + [fill] * (T - len(seqs[i][key])) for i in mb], device=device)
         ids, mask = pad("tokens", 0), pad("loss_mask", 0)
@@ -208,21 +214,23 @@ def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, 
         adv = torch.tensor([seqs[i]["advantage"] for i in mb], device=device, dtype=torch.float32)  # (b,)
         loss, m = policy_loss(logp, old, adv, mask, **kw)
         if cfg.entropy_coeff:
-            from loss import agg_loss
             loss = loss - cfg.entropy_coeff * agg_loss(ent, mask, cfg.loss_agg_mode, kw["max_len"],
                                                        global_tokens=kw["global_tokens"], global_seqs=len(seqs))
         if torch.isfinite(loss):
             (coef * loss).backward()
         n_tok = float(mask.sum())
-        m = {**m, "loss": float(loss.detach()), "entropy": float((ent * mask).sum()) / max(n_tok, 1)}
+        total_loss += float(loss.detach())
+        trained_tokens += n_tok
+        m = {**m, "entropy": float((ent.detach() * mask).sum()) / max(n_tok, 1)}
         if not replay:
             sampler = pad("sampler_logp", 0.0)
             m["kl_sampler_trainer"] = float(((sampler - logp.detach()) * mask).sum()) / max(n_tok, 1)
             for r, i in enumerate(mb):
                 old_logps[i] = logp[r].detach().tolist()
-        for k, v in m.items():  # token-weighted over micro-batches
+        for k, v in m.items():  # token-weighted means over the trained tokens
             sums[k] = sums.get(k, 0.0) + v * n_tok
-    return {k: v / max(global_tokens, 1) for k, v in sums.items()}, old_logps
+    out = {k: v / max(trained_tokens, 1) for k, v in sums.items() if k != "n_loss_tokens"}
+    return {**out, "loss": total_loss, "trained_seqs": len(work), "trained_tokens": trained_tokens}, old_logps
 
 
 def shape_rewards(trajs, w: float) -> None:
@@ -289,7 +297,7 @@ def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens
                                for k in sorted(kept_groups)], step)
     # 10. metrics
     n = max(len(trajs), 1)
-    train_tokens = sum(len(s["tokens"]) for s in on) + sum(len(s.tokens) for s in replay)
+    train_tokens = m_on.get("trained_tokens", 0) + m_sil.get("trained_tokens", 0)
     out = {
         "step": step, "reward": float(rewards.mean()) if len(trajs) else 0.0,
         "outcome": sum(t.outcome for t in trajs) / n, "success": sum(t.success for t in trajs) / n,
