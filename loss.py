@@ -271,10 +271,9 @@ def policy_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, clip_
       "vanilla"  the loss above.
       "clip_cov" zero ℓ on `clip_cov_mask` tokens (not already clipped, cov_lb < cov < cov_ub, k random);
                  they stay in the normalizer (the aggregation mask is unchanged).
-      "kl_cov"   on the `kl_cov_mask` tokens (top-k cov) ℓ = -A·r + kl_cov_coef·|logp - old_logp|
-                 (unclamped log-ratio, no clip); all other tokens keep the clipped ℓ above. The KL-Cov
-                 paper and verl use the UNclipped -A·r on the other tokens too; we keep PPO's trust
-                 region there so kl_cov differs from vanilla only on the selected tokens.
+      "kl_cov"   as in the KL-Cov paper and verl: NO ratio clipping; every loss token gets the plain
+                 ℓ = -A·r, and the `kl_cov_mask` tokens (top-k cov) get ℓ = -A·r + kl_cov_coef·|logp -
+                 old_logp| (unclamped log-ratio). On-policy (r = 1) this equals vanilla but for the penalty.
     Returns (loss, metrics) with metrics over loss tokens of this call: clipfrac_low/high (PPO clip
     active with r < 1 / r > 1), clipfrac_dual, ppo_kl (mean old_logp - logp), clip_cov_frac,
     kl_cov_frac, ratio_mean/min/max, n_loss_tokens.
@@ -317,7 +316,7 @@ def policy_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, clip_
         loss = torch.where(sel, zero, loss)
     elif loss_mode == "kl_cov":
         sel = kl_cov_mask(A, logp, m, ratio=cov_ratio)
-        loss = torch.where(sel, surr + kl_cov_coef * log_ratio.abs(), loss)
+        loss = torch.where(sel, surr + kl_cov_coef * log_ratio.abs(), surr)
     pg_loss = agg_loss(loss, m, agg_mode, max_len, global_tokens=global_tokens, global_seqs=global_seqs)
 
     with torch.no_grad():

@@ -352,6 +352,17 @@ def test_kl_cov_hand_example():
     assert met["kl_cov_frac"] == 0.5 and met["clip_cov_frac"] == 0.0
     van, _ = policy_loss(logp, old, adv, mask)
     assert van.item() == pytest.approx((-2.4 - 2 + 2 + 2 * e1) / 4)
+    # ratio 0.25 selects only t0; t1..t3 keep the plain -A·r, and t0 (r = e^.5) is not clipped either
+    loss1, _ = policy_loss(logp, old, adv, mask, loss_mode="kl_cov", cov_ratio=0.25, kl_cov_coef=1.0)
+    assert loss1.item() == pytest.approx((-2 * e5 + 0.5 - 2 + 2 + 2 * e1) / 4)
+
+
+def test_kl_cov_does_not_clip_unselected_tokens():
+    adv, mask = t([[2.0, 1.0]]), torch.ones(1, 2)
+    logp = t([[-1.0, -1.0]])
+    old = logp - t([[0.0, 0.5]])  # t1: r = e^.5, outside [0.8, 1.2]; cov = 0 for both -> t0 picked (tie, first)
+    loss, _ = policy_loss(logp, old, adv, mask, loss_mode="kl_cov", cov_ratio=0.5, kl_cov_coef=1.0)
+    assert loss.item() == pytest.approx((-2.0 + 0.0 - math.exp(0.5)) / 2)  # vanilla would clip t1 to -1.2
 
 
 def test_policy_loss_rejects_bad_settings():
