@@ -64,7 +64,7 @@ class Config:
     loss_agg_mode: str | None = None
     norm_adv_by_std_in_grpo: bool | None = None
     rollout_filter_ratio: float | None = None  # std group filter; 1.0 keeps every group
-    response_filters: bool | None = None  # overlong / incomplete / repetitive / unreadable -> mask 0
+    response_filters: str | None = None  # comma list of overlong,incomplete,repetitive,unreadable (or none) -> mask 0
     loss_mode: str | None = None  # vanilla | clip_cov | kl_cov
     clip_cov_ratio: float = 2e-4
     clip_cov_lb: float = 1.0
@@ -94,12 +94,13 @@ class Config:
     samples_per_step: int = 2
 
 
+FILTERS = ("overlong", "incomplete", "repetitive", "unreadable")
 ALGOS = {  # DESIGN §4.2-4.4
     "grpo": dict(clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode="token-mean", norm_adv_by_std_in_grpo=True,
-                 rollout_filter_ratio=1.0, response_filters=False, loss_mode="vanilla", use_toolcall_reward="none",
+                 rollout_filter_ratio=1.0, response_filters="none", loss_mode="vanilla", use_toolcall_reward="none",
                  use_replay=False),
     "drbot": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="seq-mean-token-sum-norm",
-                  norm_adv_by_std_in_grpo=False, rollout_filter_ratio=0.75, response_filters=True,
+                  norm_adv_by_std_in_grpo=False, rollout_filter_ratio=0.75, response_filters=",".join(FILTERS),
                   loss_mode="vanilla", use_toolcall_reward="none", use_replay=False),
 }
 ALGOS["spear"] = {**ALGOS["drbot"], "loss_mode": "clip_cov", "use_toolcall_reward": "cosine", "use_replay": True}
@@ -126,6 +127,10 @@ def finalize(cfg: Config) -> Config:
         errors.append(f"--n (group size) must be >= 2 for group-relative advantages, got {cfg.n}")
     if not 0 < cfg.rollout_filter_ratio <= 1:
         errors.append(f"--rollout_filter_ratio must be in (0, 1], got {cfg.rollout_filter_ratio}")
+    enabled = [f for f in cfg.response_filters.split(",") if f and f != "none"]
+    if any(f not in FILTERS for f in enabled):
+        errors.append(f"--response_filters must be 'none' or a comma list of {','.join(FILTERS)}, "
+                      f"got {cfg.response_filters!r}")
     if cfg.loss_agg_mode not in AGG_MODES:
         errors.append(f"--loss_agg_mode must be one of {AGG_MODES}, got {cfg.loss_agg_mode!r}")
     if cfg.loss_mode not in ("vanilla", "clip_cov", "kl_cov"):
@@ -258,9 +263,10 @@ def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens
     rewards = torch.tensor([t.reward for t in trajs])
     gids = [t.group for t in trajs]
     # 4. response filters: loss mask 0, but the trajectory stays in its group's statistics
-    reasons = [response_filter_reasons(finish=t.finish, void=t.void,
-                                       token_ids=[x for x, m in zip(t.tokens, t.loss_mask) if m],
-                                       text="".join(t.turns)) if cfg.response_filters else [] for t in trajs]
+    enabled = set(cfg.response_filters.split(","))
+    reasons = [[r for r in response_filter_reasons(finish=t.finish, void=t.void, text="".join(t.turns),
+                                                   token_ids=[x for x, m in zip(t.tokens, t.loss_mask) if m])
+                if r in enabled] for t in trajs]
     # 5-6. group filter and advantages
     kept_groups = set(std_group_filter(rewards, gids, cfg.rollout_filter_ratio))
     adv = group_advantages(rewards, gids, cfg.norm_adv_by_std_in_grpo)

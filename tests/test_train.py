@@ -21,7 +21,7 @@ def _metrics(run_dir):
 @pytest.mark.parametrize("bad, msg", [
     (["--n", "1"], "group size"), (["--loss_mode", "nope"], "loss_mode"), (["--rollout_filter_ratio", "0"], "(0, 1]"),
     (["--rollout_filter_ratio", "1.5"], "(0, 1]"), (["--algo", "ppo"], "unknown --algo"),
-    (["--use_toolcall_reward", "linear"], "use_toolcall_reward"), (["--weight_decay_trajectory_replay", "2"], "-1"),
+    (["--use_toolcall_reward", "linear"], "use_toolcall_reward"), (["--response_filters", "long"], "response_filters"), (["--weight_decay_trajectory_replay", "2"], "-1"),
 ])
 def test_invalid_config_fails_before_any_work(bad, msg, capsys):
     import train
@@ -34,7 +34,7 @@ def test_algo_bundles_follow_the_design():
     import train
     g, d, s = (train.parse_args(["--algo", a]) for a in ("grpo", "drbot", "spear"))
     assert (g.norm_adv_by_std_in_grpo, g.loss_agg_mode, g.clip_ratio_high, g.rollout_filter_ratio) == (True, "token-mean", 0.2, 1.0)
-    assert (d.norm_adv_by_std_in_grpo, d.loss_agg_mode, d.clip_ratio_high, d.response_filters) == (False, "seq-mean-token-sum-norm", 0.28, True)
+    assert (d.norm_adv_by_std_in_grpo, d.loss_agg_mode, d.clip_ratio_high, d.response_filters) == (False, "seq-mean-token-sum-norm", 0.28, "overlong,incomplete,repetitive,unreadable")
     assert (s.loss_mode, s.use_toolcall_reward, s.use_replay, s.max_replay_loss_steps) == ("clip_cov", "cosine", True, s.steps)
     assert s.trajectory_buffer_size == s.train_batch_size * s.n
     assert train.parse_args(["--algo", "spear", "--clip_ratio_high", "0.3"]).clip_ratio_high == 0.3  # flags win
