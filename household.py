@@ -39,6 +39,8 @@ import json
 import random
 import re
 
+from envs import AgentEnv, last_action
+
 FAMILIES = ("pick", "clean", "heat", "cool", "look", "pick_two")
 LEVELS = (1, 2, 3)  # rooms in the house; receptacles, target copies and distractors grow with it
 DEFAULT_N = {"train": 4000, "test": 200}
@@ -209,9 +211,8 @@ def load_tasks(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
 
 # --------------------------------------------------------------------------- the environment
 def parse_action(text: str) -> str | None:
-    """The LAST <action>...</action> (case-insensitive), lower-cased, whitespace-collapsed; None if absent/empty."""
-    found = re.findall(r"<action>(.*?)</action>", text, flags=re.S | re.I)
-    act = " ".join(found[-1].split()).lower().strip("'\"` .") if found else ""
+    """The last <action>...</action>, lower-cased, stripped of quotes; None if absent/empty."""
+    act = last_action(text).lower().strip('\'"` .')
     return act or None
 
 
@@ -227,28 +228,13 @@ def _listing(names: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", and " + items[-1]
 
 
-class HouseholdEnv:
+class HouseholdEnv(AgentEnv):
     """One episode. reward = 10 * success - 0.1 * n_invalid; the episode ends on success or after
     max_steps env steps (every step() call is an env step, valid or not, as in ALFWorld)."""
     name = "household"
-    stop_strings = ("</action>",)
 
     def __init__(self, max_steps: int = 50):
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        self.max_steps, self.task, self.done = max_steps, None, False
-        self._zero_counters()
-
-    def _zero_counters(self):
-        self.reward, self.success, self.void, self.infra_error = 0.0, False, False, False
-        self.n_steps = self.n_invalid = self.n_tool_calls = 0  # n_tool_calls: turns with a parsable action
-
-    def is_stop(self, turn_text: str) -> bool:
-        return turn_text.rstrip().lower().endswith("</action>")
-
-    def toolcall_bonus(self) -> float:
-        """b of DESIGN §4.4 for agent envs: min(1, 0.1 * env steps taken)."""
-        return min(1.0, 0.1 * self.n_steps)
+        super().__init__(max_steps)
 
     def expert(self, task: dict) -> list[str]:
         return expert(task)

@@ -41,6 +41,8 @@ import random
 import re
 from collections import Counter
 
+from envs import AgentEnv, last_action
+
 LEVELS = (1, 2, 3)  # goal attributes = level; goal options = 1, 2, 2; near-miss distractors 0, 6, 14
 DEFAULT_N = {"train": 5000, "test": 500}
 TYPE_MISMATCH = 0.1  # score factor for a product of another category
@@ -231,34 +233,18 @@ def base_index() -> BM25:
 
 # --------------------------------------------------------------------------- the environment
 def parse_action(text: str) -> str | None:
-    """The LAST <action>...</action> (case-insensitive), whitespace-collapsed; None if absent/empty."""
-    found = re.findall(r"<action>(.*?)</action>", text, flags=re.S | re.I)
-    act = " ".join(found[-1].split()).strip("'\"` ") if found else ""
+    """The last <action>...</action>, stripped of quotes; None if absent/empty."""
+    act = last_action(text).strip('\'"` ')
     return act or None
 
 
-class ShopEnv:
+class ShopEnv(AgentEnv):
     """One episode. reward = 10 * (score == 1) - 0.1 * n_invalid; ends at buy now or after max_steps
     env steps (every step() call is an env step). `score` is WebShop's fractional score."""
     name = "shop"
-    stop_strings = ("</action>",)
 
     def __init__(self, max_steps: int = 15):
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        self.max_steps, self.task, self.done = max_steps, None, False
-        self._zero_counters()
-
-    def _zero_counters(self):
-        self.reward, self.success, self.void, self.infra_error = 0.0, False, False, False
-        self.n_steps = self.n_invalid = self.n_tool_calls = 0  # n_tool_calls: turns with a parsable action
-
-    def is_stop(self, turn_text: str) -> bool:
-        return turn_text.rstrip().lower().endswith("</action>")
-
-    def toolcall_bonus(self) -> float:
-        """b of DESIGN §4.4 for agent envs: min(1, 0.1 * env steps taken)."""
-        return min(1.0, 0.1 * self.n_steps)
+        super().__init__(max_steps)
 
     def expert(self, task: dict) -> list[str]:
         return expert(task)
