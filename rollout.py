@@ -201,7 +201,7 @@ def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_t
     fmt = fmt or ChatFormat(tok)
     device = next(model.parameters()).device
     if kv_budget_gb is None:
-        kv_budget_gb = 0.5 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 4.0
+        kv_budget_gb = 0.5 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 6.0
     # Lockstep turns leave holes in the cache, so a row's cache can reach ~1.5x its token budget.
     rows_fit = max(1, int(kv_budget_gb * 2**30 // (kv_bytes_per_token(model) * max_total_tokens * 1.5)))
     tasks_per_wave = max(1, rows_fit // group_size)

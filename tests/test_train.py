@@ -78,10 +78,11 @@ def test_resume_after_crash_matches_uninterrupted_run(toy_train, tmp_path, monke
     assert not torch.equal(a["model.embed_tokens.weight"], toy_train.load_model("tiny-random")[0].model.embed_tokens.weight)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "drbot", "spear"])
-def test_train_py_cli_smoke_on_math(algo, tmp_path):
-    """The real CLI on the real math env (tiny random model): runs, logs, writes a loadable checkpoint."""
-    cmd = [sys.executable, "train.py", "--env", "math", "--model", "tiny-random", "--steps", "2", "--algo", algo,
+@pytest.mark.parametrize("env, algo", [("math", "grpo"), ("math", "drbot"), ("math", "spear"),
+                                       ("household", "spear"), ("shop", "spear")])
+def test_train_py_cli_smoke(env, algo, tmp_path):
+    """The real CLI on a real env (tiny random model): runs, logs, writes a loadable checkpoint."""
+    cmd = [sys.executable, "train.py", "--env", env, "--model", "tiny-random", "--steps", "2", "--algo", algo,
            "--train_batch_size", "2", "--n", "2", "--max_turn_tokens", "16", "--eval_n", "2", "--eval_every", "2",
            "--out_dir", str(tmp_path), "--run_name", "r"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
