@@ -352,11 +352,15 @@ def load_math_tasks(split: str, n: int | None = None, data: str | None = None, s
 # --------------------------------------------------------------------------- the math environment
 SYSTEM = ("Solve the problem with Python. Write code in a ```python block; it will be run and its output "
           "shown to you. Then give the final answer in \\boxed{}.")
-DEMO = [  # one worked demonstration, as prior chat turns (DESIGN §5)
+# One worked demonstration, as prior chat turns (DESIGN §5). The final turn is the bare box: with a
+# sentence around it ("The shop has \\boxed{17388} pens.") the bundled model copies the sentence and
+# drops the box (greedy pass@1 0 % on levels 1-5); with the bare box it boxes. Measured greedy on 60
+# test tasks (smollm2-135m): L1 17 %, L2 42 %, L3-L5 0 %, all levels 11.7 %, tool use 18 %.
+DEMO = [
     {"role": "user", "content": "A shop has 378 boxes with 46 pens in each box. How many pens is that?"},
     {"role": "assistant", "content": "```python\nprint(378 * 46)\n```"},
     {"role": "user", "content": "```output\n17388\n```"},
-    {"role": "assistant", "content": "The shop has \\boxed{17388} pens."},
+    {"role": "assistant", "content": "\\boxed{17388}"},
 ]
 NO_OUTPUT = "(no output; use print() to see values)"
 _BLOCK = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.S | re.I)  # a complete python block
