@@ -18,8 +18,22 @@ not a str, NUL bytes, too long) | infra_error (the sandbox failed before the cod
 score it as a wrong answer). Whatever happens after the child exists is blamed on the code, so a
 policy cannot turn a wrong answer into an unscored infra_error by killing its server.
 
-Not isolated yet (the next layers, Landlock + seccomp, go into `_isolate`): the code runs as the
-trainer's user, so it can read that user's files, use the network and signal that user's processes.
+Kernel layers (jail.py, applied at the end of `_isolate`): when the trainer is root, a dedicated
+uid (nobody) and a private size-capped tmpfs (DISK_LIMIT) as the server's temp root; Landlock
+(writes only in the run's temp dir, reads only the interpreter's files, no exec, no TCP, no signals
+out); a seccomp filter (no exec, no new processes, no ptrace, no sockets, no SysV IPC, signals and
+prlimit only on itself; threads work). Each server detects at its start what this kernel and user
+allow (by applying each layer once in a throwaway child) and reports it to the trainer, which logs
+it: `isolation_level()` is e.g. "rlimits+setsid+tmpdir+subreaper+uid=65534+tmpfs=64M+
+landlock(abi=7)+seccomp"; a layer not in force is named as missing with the reason, e.g.
+"landlock(missing: ENOSYS, kernel without Landlock)". Never silently weaker: a detected layer that
+fails to apply makes the run an infra_error. Strict mode (`configure(strict=True)` for all calls,
+or `run_python(..., strict=True)` for one; what the trainer's `--sandbox strict` is meant to set)
+raises RuntimeError naming the missing layers instead of running code, unless all are in force.
+Still open where layers are missing: without root, files of the trainer's user can get their
+metadata changed (chmod/utime: Landlock does not cover it) and disk use is bounded only per file
+(RLIMIT_FSIZE) and by the timeout; without Landlock, a uid that keeps cap_dac_read_search (its
+level says so) can read every file.
 """
 import ctypes
 import gc
@@ -47,11 +61,12 @@ if __name__ != "__main__":   # trainer side only: in the server, threading's at-
 OUTPUT_LIMIT = 64 * 1024          # bytes of stdout+stderr kept; more -> "output_limit"
 MAX_CODE_CHARS = 100_000          # longer code is "rejected"
 FILE_LIMIT = 16 * 1024 * 1024     # RLIMIT_FSIZE: largest file the code may write
+DISK_LIMIT = 64 * 1024 * 1024     # size of a server's private tmpfs (root only): all files of a run
 OPEN_FILES = 64                   # RLIMIT_NOFILE
 GRACE = 2.0                       # s the trainer waits past `timeout` before it declares a server hung
 STARTUP_TIMEOUT = 30.0            # s a new server may take to say it is ready
 POOL_SIZE = max(2, os.cpu_count() or 1)
-ISOLATION = "rlimits+setsid+tmpdir+subreaper"
+ISOLATION = "rlimits+setsid+tmpdir+subreaper"   # always; jail.py's layers are appended by the server
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "crashed", "rejected", "infra_error")
 # RLIMIT_NPROC is not set: it counts every process of the user (the trainer's threads included) and
 # is ignored for root. Fork bombs are bounded by the timeout and the process-tree kill instead.
@@ -61,6 +76,9 @@ _MEMORY_EXIT = 113     # child exit status for an uncaught MemoryError (reported
 _ACK = b"\x06"         # the child's first output byte, written once isolation is in place
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_WITHOUT = ()          # jail layers to leave out ("uid", "tmpfs", "landlock", "seccomp"): tests only
+_STRICT = False        # configure(strict=True): refuse to run unless every layer is in force
+_LEVEL = None          # the isolation level the servers reported
 
 
 @dataclass
@@ -72,8 +90,34 @@ class Result:
 
 
 def isolation_level() -> str:
-    """The isolation layers every execution gets, for the logs (DESIGN §6: never weaker silently)."""
-    return ISOLATION
+    """The isolation layers every execution gets, as detected by the executor servers at their start
+    (starts one if none ran yet), for the logs (DESIGN §6: never weaker silently)."""
+    if _LEVEL is None:
+        _POOL.release(_POOL.acquire())
+    return _LEVEL
+
+
+def missing_layers(level=None) -> list[str]:
+    """The layers of `level` (default: isolation_level()) that are not in force, with the reason."""
+    return [layer for layer in (level or isolation_level()).split("+") if "missing" in layer]
+
+
+def configure(*, strict: bool):
+    """strict=True: every later run_python raises RuntimeError instead of running code unless every
+    isolation layer is in force; checked now too (RuntimeError), so a trainer started with
+    `--sandbox strict` fails at once on a machine that cannot isolate. strict=False: run anyway
+    (the default), with the level logged."""
+    global _STRICT
+    _STRICT = bool(strict)
+    if _STRICT:
+        _check_strict(isolation_level())
+
+
+def _check_strict(level):
+    if missing_layers(level):
+        raise RuntimeError(f"sandbox strict mode: isolation layer(s) not in force on this machine: "
+                           f"{'; '.join(missing_layers(level))} (level {level}). Run where they are "
+                           f"available (root, x86_64, Linux >= 6.12 with Landlock enabled), or without strict.")
 
 
 # ------------------------------------------------------------------------ wire protocol (both sides)
@@ -133,31 +177,42 @@ def _serve():
     sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
     sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
     sys.path += [p for p in site.getsitepackages() if p not in sys.path]
+    sys.path.insert(0, os.path.dirname(__file__))       # -I left this dir out: import jail.py from it
+    import jail
+    del sys.path[0]                                     # ... and keep the repo unreadable for the code
+    without = sys.argv[3].split(",") if sys.argv[2:3] == ["--without"] else ()
+    try:
+        cage = jail.Jail(without, DISK_LIMIT)           # detects the layers; private tmpfs when root
+    except BaseException as e:                          # the trainer logs it; runs are infra_error
+        _send(proto_out, {"error": f"jail setup failed: {e!r}"})
+        return
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)                  # orphaned descendants come back to us
     gc.freeze()                                         # children's GC never touches (copies) our objects
     try:
-        _send(proto_out, {"ready": ISOLATION})
+        _send(proto_out, {"ready": f"{ISOLATION}+{cage.level}"})
         while True:
             request = _recv(proto_in)
             tmp = tempfile.mkdtemp(prefix="spear-sandbox-")
             try:
-                _send(proto_out, _execute(request, tmp, proto_out))
+                cage.chown_tmp(tmp)
+                _send(proto_out, _execute(request, tmp, proto_out, cage))
             finally:
                 _remove_tree(tmp)                       # after the reply: off the caller's clock
     except (EOFError, BrokenPipeError):                 # the trainer is gone
         pass
 
 
-def _execute(request, tmp, proto_out):
+def _execute(request, tmp, proto_out, cage):
     """Fork one child for one request in the empty dir `tmp`, supervise it, classify the outcome."""
     code, timeout, memory_mb = request["code"], request["timeout"], request["memory_mb"]
     r, w = os.pipe()
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:                                        # the child: never returns
         status = 1
         try:
             os.close(r)
-            _isolate(w, tmp, timeout, memory_mb)
+            _isolate(w, tmp, timeout, memory_mb, cage, server)
             os.write(1, _ACK)
             status = _run_user_code(code)
         except BaseException as e:                      # only _isolate can get here
@@ -183,9 +238,9 @@ def _execute(request, tmp, proto_out):
     return {"status": status, "output": out.decode("utf-8", "replace"), "returncode": returncode}
 
 
-def _isolate(out_fd, tmp, timeout, memory_mb):
-    """The child's isolation layers, applied before any model code runs. New layers (Landlock: no
-    writes outside `tmp`, no network; seccomp: no exec) go at the end and get named in ISOLATION."""
+def _isolate(out_fd, tmp, timeout, memory_mb, cage, server):
+    """The child's isolation layers, applied before any model code runs: session, fds, cwd, rlimits,
+    then the kernel layers of `cage` (jail.Jail: uid, Landlock, seccomp; raises if one fails)."""
     os.setsid()                                         # own session and process group
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)           # die with the server
     os.dup2(out_fd, 1)                                  # sys.stdout/err: the server's line-buffered
@@ -201,6 +256,10 @@ def _isolate(out_fd, tmp, timeout, memory_mb):
                               (resource.RLIMIT_NOFILE, OPEN_FILES, OPEN_FILES),
                               (resource.RLIMIT_CORE, 0, 0)):
         resource.setrlimit(limit, (soft, hard))
+    cage.confine(tmp)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)           # again: a uid change cleared it
+    if os.getppid() != server:                          # the server died before that: don't run
+        os._exit(1)
 
 
 def _run_user_code(code):
@@ -354,8 +413,9 @@ class _Worker:
     """One executor server process and the trainer's ends of its two pipes."""
 
     def __init__(self):
+        without = ["--without", ",".join(_WITHOUT)] if _WITHOUT else []
         self.proc = subprocess.Popen(
-            [_PYTHON, "-I", "-S", "-B", os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
+            [_PYTHON, "-I", "-S", "-B", os.path.abspath(__file__), "--serve", *without], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=_server_env(), cwd="/",   # stderr: the trainer's log
             close_fds=True, start_new_session=True, bufsize=0)
         self.rfd, self.wfd = self.proc.stdout.fileno(), self.proc.stdin.fileno()
@@ -366,9 +426,13 @@ class _Worker:
             hello = _recv(self.rfd, time.monotonic() + STARTUP_TIMEOUT)
         except (OSError, EOFError, ValueError) as e:
             hello = e
-        if hello != {"ready": ISOLATION}:
+        if not (isinstance(hello, dict) and isinstance(hello.get("ready"), str)):
             self.close()
             raise RuntimeError(f"sandbox server did not start ({_PYTHON} {__file__}): {hello!r}")
+        global _LEVEL
+        if hello["ready"] != _LEVEL:                    # logged once (and whenever it changes)
+            print(f"sandbox isolation level: {hello['ready']}", file=sys.stderr, flush=True)
+        self.level = _LEVEL = hello["ready"]
 
     def execute(self, request, deadline):
         """One request -> the server's reply dict. Raises _ServerFailure (and kills the server and
@@ -442,10 +506,12 @@ def _new_pool():
     _POOL = _Pool(POOL_SIZE)
 
 
-def run_python(code, *, timeout=5.0, memory_mb=512) -> Result:
+def run_python(code, *, timeout=5.0, memory_mb=512, strict=None) -> Result:
     """Run untrusted Python `code` in the sandbox; thread-safe. `timeout` (wall-clock seconds) and
     `memory_mb` (address-space limit) come from config, never from model text. A call returns
-    within timeout + GRACE once a server is free (calls beyond the pool size queue for one)."""
+    within timeout + GRACE once a server is free (calls beyond the pool size queue for one).
+    strict (default: configure()'s setting): raise RuntimeError, naming the missing isolation
+    layers, instead of running the code if any layer is not in force."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
         raise ValueError(f"timeout must be in (0, 3600] seconds, got {timeout!r}")
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 32:
@@ -463,6 +529,9 @@ def run_python(code, *, timeout=5.0, memory_mb=512) -> Result:
             worker = _POOL.acquire()
         except (OSError, RuntimeError) as e:              # no server could be started
             return Result("infra_error", str(e), None, time.monotonic() - t0)
+        if (_STRICT if strict is None else strict) and missing_layers(worker.level):
+            _POOL.release(worker)
+            _check_strict(worker.level)                   # raises
         t0 = time.monotonic()
         try:
             reply = worker.execute(request, t0 + timeout + GRACE)
@@ -481,5 +550,5 @@ def run_python(code, *, timeout=5.0, memory_mb=512) -> Result:
 if __name__ != "__main__":
     _new_pool()
     os.register_at_fork(after_in_child=_new_pool)       # a forked trainer must not share our servers
-elif sys.argv[1:] == ["--serve"]:
+elif sys.argv[1:2] == ["--serve"]:
     _serve()

@@ -47,11 +47,30 @@ def fresh_pool(monkeypatch):
         worker.close()
 
 
+WEAK = ("uid", "landlock", "seccomp")
+
+
+@pytest.fixture
+def weak_pool(fresh_pool, monkeypatch):
+    """Servers without the uid/Landlock/seccomp layers (named missing in the level), so the code can
+    fork, exec and signal its server: the rlimit/process-tree layers must still contain it, as on a
+    machine without those kernel features."""
+    monkeypatch.setattr(sandbox, "_WITHOUT", WEAK)
+    monkeypatch.setattr(sandbox, "_LEVEL", None)
+    level = sandbox.isolation_level()
+    for layer in WEAK:
+        assert f"{layer}(missing: disabled)" in level.split("+"), level
+    return fresh_pool
+
+
 def test_print_is_ok():
     r = run_python("x = 6 * 7\nprint(x)\nprint('héllo')")
     assert (r.status, r.output, r.returncode) == ("ok", "42\nhéllo\n", 0)
     assert 0 < r.seconds < 1.0
-    assert sandbox.isolation_level() == "rlimits+setsid+tmpdir+subreaper"
+    level = sandbox.isolation_level()
+    assert level.startswith("rlimits+setsid+tmpdir+subreaper+uid")
+    assert [layer.split("(")[0].split("=")[0] for layer in level.split("+")[4:]] == [
+        "uid", "tmpfs", "landlock", "seccomp"]
 
 
 def test_infinite_loop_times_out_within_timeout_plus_1s():
@@ -141,14 +160,14 @@ def test_segfault_is_crashed():
     "        os.write(w, str(os.getpid()).encode())\n        time.sleep(60)\n    os._exit(0)\n"
     "pid = int(os.read(r, 20))\n",
 ])
-def test_processes_started_by_the_code_are_killed(spawn):
+def test_processes_started_by_the_code_are_killed(spawn, weak_pool):
     r = run_python("import os, subprocess, time\n" + spawn + "print(pid)")
     assert r.status == "ok", r
     assert_gone(int(r.output))
     assert_recovers()
 
 
-def test_a_tree_of_processes_that_left_the_group_is_fully_killed():
+def test_a_tree_of_processes_that_left_the_group_is_fully_killed(weak_pool):
     code = ("import os, time\nfor _ in range(6):\n    if os.fork() == 0:\n        os.setsid()\n"
             "print(os.getpid(), flush=True)\ntime.sleep(60)")
     r = run_python(code, timeout=1.0)
@@ -221,13 +240,13 @@ def test_rejected_code_never_runs():
         run_python("print(1)", memory_mb=1.5)
 
 
-def test_code_that_kills_its_server_is_crashed_not_infra_error():
+def test_code_that_kills_its_server_is_crashed_not_infra_error(weak_pool):
     r = run_python("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)")
     assert r.status == "crashed" and r.returncode is None
     assert_recovers()
 
 
-def test_code_that_stops_its_server_times_out_within_timeout_plus_grace():
+def test_code_that_stops_its_server_times_out_within_timeout_plus_grace(weak_pool):
     t0 = time.monotonic()
     r = run_python("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)", timeout=0.5)
     assert r.status == "timeout"
