@@ -8,14 +8,21 @@ pure functions of the step, so the step is their whole state.
 Writing is atomic: temp dir -> fsync every file -> COMMITTED marker -> fsync -> rename -> fsync the
 parent. A crash at any point leaves either the previous checkpoints or a `.tmp-*` dir that the loader
 ignores (and the next save removes). Old checkpoints are pruned only after the new one is committed.
-Non-finite weights are never saved.
+Non-finite weights are never saved. A failed write (disk full, I/O error) removes its temp dir and
+raises StorageError naming the cause and the intact previous checkpoint.
+
+Test hook: SPEAR_TEST_CRASH=<point>@<step> SIGKILLs the process at a named point (`crash_point`), so the
+crash-safety tests can kill a real trainer deterministically (tests/test_hardening.py).
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -23,6 +30,57 @@ import torch
 from model import save_model
 
 MARKER = "COMMITTED"
+
+
+class StorageError(RuntimeError):
+    """The run directory or a checkpoint could not be written (the message names the cause and the fix)."""
+
+
+def crash_point(name: str, step: int) -> None:
+    """Test hook: SIGKILL this process when SPEAR_TEST_CRASH == f"{name}@{step}"; a no-op otherwise."""
+    if os.environ.get("SPEAR_TEST_CRASH") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _why(e: BaseException, path: str, need: int = 0) -> str:
+    """The cause of a failed write in words; disk full is recognised by errno, message or free space (a full
+    disk surfaces as ENOSPC, as safetensors' "os error 28", or as torch.save's "unexpected pos")."""
+    free = shutil.disk_usage(path).free if os.path.isdir(path) else None
+    if (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+            or (free is not None and free < max(need, 2**20))):
+        return f"the disk is full ({(free or 0) / 2**20:.0f} MiB free, ~{need / 2**20:.0f} MiB needed)"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def prepare_run_dir(run_dir: str, config: dict) -> None:
+    """Create the run dir and write config.json (temp file + rename); StorageError if it is not writable."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tmp = os.path.join(run_dir, ".tmp-config.json")
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=1)
+        os.replace(tmp, os.path.join(run_dir, "config.json"))
+    except OSError as e:
+        raise StorageError(f"cannot write the run directory {run_dir!r}: {_why(e, run_dir)}. "
+                           f"Fix: pass a writable --out_dir (or --run_name), or free disk space.") from None
+
+
+def truncate_logs(path: str, last_step: int) -> None:
+    """On (re)start, keep only the log lines of steps <= last_step, so a resumed run's logs match an
+    uninterrupted one; a partial last line (killed mid-write) is dropped. Rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for ln in f:
+            try:
+                if json.loads(ln)["step"] <= last_step:
+                    keep.append(ln if ln.endswith("\n") else ln + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def _fsync_tree(path: str) -> None:
@@ -77,27 +135,40 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict, config: dict, keep: int,
                     extra: dict | None = None) -> str:
+    prev = latest_checkpoint(run_dir) or "none"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise RuntimeError(f"refusing to save non-finite weights at step {step}; the last checkpoint is intact")
+        raise StorageError(f"refusing to save non-finite weights at step {step}; the last checkpoint ({prev}) is "
+                           f"intact. Fix: lower --lr or check the data, then rerun with --resume auto.")
     d = os.path.join(run_dir, "checkpoints")
-    os.makedirs(d, exist_ok=True)
-    for name in os.listdir(d):  # leftovers of a crashed save
-        if name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(d, name), ignore_errors=True)
     final = os.path.join(d, f"step_{step}")
     tmp = os.path.join(d, f".tmp-step_{step}")
-    save_model(model, tok, tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gens), "buffer": buffer.state_dict(),
-                "config": config, **(extra or {})}, os.path.join(tmp, "trainer_state.pt"))
-    _fsync_tree(tmp)
-    with open(os.path.join(tmp, MARKER), "w") as f:
-        f.write(str(step))
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    try:
+        os.makedirs(d, exist_ok=True)
+        for name in os.listdir(d):  # leftovers of a crashed save
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+        save_model(model, tok, tmp)
+        crash_point("save_after_weights", step)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gens),
+                    "buffer": buffer.state_dict(), "config": config, **(extra or {})},
+                   os.path.join(tmp, "trainer_state.pt"))
+        _fsync_tree(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write(str(step))
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as e:  # disk full surfaces as OSError, SafetensorError or RuntimeError: all end here
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights + Adam moments
+        raise StorageError(f"cannot write checkpoint step_{step} in {d}: {_why(e, d, need)}; the previous "
+                           f"checkpoint ({prev}) is intact. Fix: free disk space (or pass --out_dir on a larger "
+                           f"disk), then rerun with --resume auto.") from e
+    crash_point("save_before_rename", step)
+    if os.path.exists(final):  # re-saving a step (e.g. after a resume): set the old one aside, then swap
+        os.rename(final, os.path.join(d, f".tmp-old-step_{step}"))
     os.rename(tmp, final)
     _fsync_dir(d)
+    shutil.rmtree(os.path.join(d, f".tmp-old-step_{step}"), ignore_errors=True)
     for _, old in list_checkpoints(run_dir)[:-keep]:  # prune only after the new one is committed
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -309,6 +309,7 @@ def read_jsonl_tasks(path: str) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read math data file {path!r}: {e}. Fix: pass a readable UTF-8 JSONL file.") from e
     stem, tasks = os.path.splitext(os.path.basename(path))[0], []
+    fix = 'Fix: make every non-blank line one JSON object {"question": "...", "answer": "..."}.'
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -316,14 +317,15 @@ def read_jsonl_tasks(path: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+            raise ValueError(f"{where}: not valid JSON ({e.msg}). {fix}") from e
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with \"question\" and \"answer\", got {type(row).__name__}")
+            raise ValueError(f"{where}: expected a JSON object with \"question\" and \"answer\", "
+                             f"got {type(row).__name__}. {fix}")
         q, a = row.get("question"), row.get("answer")
         if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"{where}: \"question\" must be a non-empty string, got {q!r}")
+            raise ValueError(f"{where}: \"question\" must be a non-empty string, got {q!r}. {fix}")
         if isinstance(a, bool) or not isinstance(a, (str, int, float)) or not str(a).strip():
-            raise ValueError(f"{where}: \"answer\" must be a non-empty string or a number, got {a!r}")
+            raise ValueError(f"{where}: \"answer\" must be a non-empty string or a number, got {a!r}. {fix}")
         tasks.append({"id": f"math/{stem}/{len(tasks)}", "question": q, "answer": str(a), "level": row.get("level")})
     if not tasks:
         raise ValueError(f"math data file {path!r} holds no tasks. Fix: one {{\"question\", \"answer\"}} object per line.")
@@ -524,7 +526,8 @@ def load_tasks(name: str, split: str, n: int | None = None, data: str | None = N
     if name == "math":
         return load_math_tasks(split, n=n, data=data, seed=seed, **kw)
     if data is not None:
-        raise ValueError(f"data= (--data) is only for the math env; {name} tasks are generated")
+        raise ValueError(f"data= (--data) is only for the math env; {name} tasks are generated. Fix: drop --data "
+                         f"or use --env math.")
     if name == "household":
         import household
         return household.load_tasks(split, n=n, seed=seed, **kw)

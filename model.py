@@ -122,11 +122,13 @@ def resolve(name: str) -> str:
 
 def _check_reachable(name: str, path: str) -> None:
     """Fail at once (not after minutes of download retries) when a hub id is neither cached nor reachable."""
-    if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.path.isdir(path):
         return
     if path.startswith((os.sep, ".", "~")) or path.count("/") > 1:
         raise ModelNotFound(f"model directory '{path}' does not exist.\nFix: pass an existing directory (a "
                             f"save_pretrained or spear checkpoint dir), an HF id, or --model {BUNDLED}.")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
     import socket
     from urllib.parse import urlparse
     from huggingface_hub import constants, try_to_load_from_cache

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from buffer import ReplayBuffer
-from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from checkpoint import (MARKER, StorageError, crash_point, latest_checkpoint, load_checkpoint, prepare_run_dir,
+                        save_checkpoint, truncate_logs)
 from curriculum import sil_coef, toolcall_weight
-from envs import load_tasks, make_env
+from envs import ENV_NAMES, load_tasks, make_env
 from loss import agg_loss, group_advantages, policy_loss, response_filter_reasons, std_group_filter
-from model import autocast, load_model, token_logprobs
+from model import ModelNotFound, autocast, load_model, token_logprobs
 from rollout import ChatFormat, rollout
 
 
@@ -123,6 +124,8 @@ def finalize(cfg: Config) -> Config:
     cfg.trajectory_buffer_size = cfg.trajectory_buffer_size or cfg.train_batch_size * cfg.n
     cfg.run_name = cfg.run_name or f"{cfg.env}-{cfg.algo}-s{cfg.seed}"
     errors = []
+    if cfg.env not in ENV_NAMES:
+        errors.append(f"unknown --env {cfg.env!r}; choose one of {', '.join(ENV_NAMES)}")
     if cfg.n < 2:
         errors.append(f"--n (group size) must be >= 2 for group-relative advantages, got {cfg.n}")
     if not 0 < cfg.rollout_filter_ratio <= 1:
@@ -139,10 +142,16 @@ def finalize(cfg: Config) -> Config:
         errors.append(f"--use_toolcall_reward must be cosine, constant or none, got {cfg.use_toolcall_reward!r}")
     if not (cfg.weight_decay_trajectory_replay == -1 or 0 < cfg.weight_decay_trajectory_replay <= 1):
         errors.append("--weight_decay_trajectory_replay must be -1 (p50 baseline) or in (0, 1]")
-    if cfg.steps < 1 or cfg.train_batch_size < 1 or cfg.max_turns < 1 or cfg.max_turn_tokens < 1:
-        errors.append("--steps, --train_batch_size, --max_turns and --max_turn_tokens must be >= 1")
-    if cfg.resume not in ("none", "auto") and not os.path.isdir(cfg.resume):
-        errors.append(f"--resume must be none, auto or a checkpoint directory; {cfg.resume!r} is none of these")
+    if min(cfg.steps, cfg.train_batch_size, cfg.max_turns, cfg.max_turn_tokens, cfg.ckpt_every, cfg.keep_ckpts,
+           cfg.max_nonfinite_steps) < 1:
+        errors.append("--steps, --train_batch_size, --max_turns, --max_turn_tokens, --ckpt_every, --keep_ckpts and "
+                      "--max_nonfinite_steps must be >= 1")
+    if cfg.micro_token_budget < cfg.max_total_tokens:
+        errors.append(f"--micro_token_budget {cfg.micro_token_budget} cannot hold one sequence of up to "
+                      f"--max_total_tokens {cfg.max_total_tokens}; raise it to at least {cfg.max_total_tokens}")
+    if cfg.resume not in ("none", "auto") and not os.path.exists(os.path.join(cfg.resume, MARKER)):
+        errors.append(f"--resume must be none, auto or a committed checkpoint directory (with {MARKER}); "
+                      f"{cfg.resume!r} is none of these")
     if errors:
         raise SystemExit("error: invalid configuration:\n  " + "\n  ".join(errors))
     return cfg
@@ -254,6 +263,7 @@ def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens
                         max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                         max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         generator=gens["rollout"], fmt=fmt)
+    crash_point("after_rollout", step)  # test hook (checkpoint.py)
     t_roll = time.time() - t0
     n_infra = sum(t.infra_error for t in trajs)
     trajs = [t for t in trajs if not t.infra_error]  # an infra failure is never scored as a wrong answer
@@ -292,8 +302,8 @@ def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens
         opt.step()
     opt.zero_grad(set_to_none=True)
     t_train = time.time() - t1
-    # 9. buffer admission (A > 0; math also needs >= 1 tool call) and baseline history
-    if cfg.use_replay:
+    # 9. buffer admission (A > 0; math also needs >= 1 tool call) and baseline history; not on a skipped step
+    if cfg.use_replay and finite:
         from buffer import Sample
         admit = [i for i in train_idx if adv[i] > 0 and (cfg.env != "math" or trajs[i].n_tool_calls > 0)]
         buffer.add([Sample(tokens=trajs[i].tokens, loss_mask=trajs[i].loss_mask,
@@ -342,34 +352,50 @@ def held_out_eval(model, tok, cfg: Config, test_tasks) -> dict:
             "eval_turns": g["turns"], "eval_s": r["greedy_seconds"]}
 
 
+def check_prompt_budget(cfg: Config, fmt, tasks) -> None:
+    """Each prompt plus one sampled token must fit --max_total_tokens (checked on the first step's tasks)."""
+    for t in step_tasks(tasks, 1, cfg.train_batch_size, cfg.seed):
+        n = len(fmt.prompt(make_env(cfg.env).reset(t)))
+        if n + 1 > cfg.max_total_tokens:
+            raise ValueError(f"--max_total_tokens {cfg.max_total_tokens} is too small: the prompt of task "
+                             f"{t['id']!r} alone has {n} tokens. Fix: raise --max_total_tokens to at least "
+                             f"{n + cfg.max_turn_tokens} (prompt + one turn).")
+
+
 def main(argv=None) -> str:
     cfg = parse_args(argv)
     from tqdm import tqdm
     run_dir = os.path.join(cfg.out_dir, cfg.run_name)
-    os.makedirs(run_dir, exist_ok=True)
     seed_all(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else None
     ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (cfg.resume if cfg.resume != "none" else None)
-    # fp32 master weights everywhere (lr 1e-6 updates vanish in bf16 weights); bf16 autocast on GPU
-    model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
+    if cfg.resume == "none" and latest_checkpoint(run_dir):
+        raise SystemExit(f"error: {run_dir} already holds checkpoints of an earlier run ({latest_checkpoint(run_dir)})"
+                         f", which starting over would overwrite. Fix: --resume auto to continue it, or a new "
+                         f"--run_name.")
+    try:  # bad input fails here with one line naming the fix, before anything is written
+        tasks = load_tasks(cfg.env, "train", data=cfg.data, seed=cfg.seed)
+        test_tasks = load_tasks(cfg.env, "test", n=cfg.eval_n, seed=cfg.seed)
+        # fp32 master weights everywhere (lr 1e-6 updates vanish in bf16 weights); bf16 autocast on GPU
+        model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
+        fmt = ChatFormat(tok)
+        check_prompt_budget(cfg, fmt, tasks)
+        prepare_run_dir(run_dir, asdict(cfg))
+    except (ValueError, ModelNotFound, StorageError) as e:
+        raise SystemExit("error: " + str(e).replace("\n", " ")) from None
     device = next(model.parameters()).device
-    fmt = ChatFormat(tok)
-    tasks = load_tasks(cfg.env, "train", data=cfg.data, seed=cfg.seed)
-    test_tasks = load_tasks(cfg.env, "test", n=cfg.eval_n, seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     buffer = ReplayBuffer(cfg.trajectory_buffer_size, cfg.trajectory_tolerate_steps, cfg.baseline_buffer_size,
                           cfg.weight_decay_trajectory_replay)
     gens = {k: torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + i)
             for i, k in enumerate(("rollout", "buffer", "loss"))}
-    start, nonfinite = 1, 0
+    start, nonfinite, skipped = 1, 0, 0  # nonfinite: skipped steps in a row; skipped: in total
     if ckpt:
         state = load_checkpoint(ckpt, opt, buffer, gens)
-        start, nonfinite = state["step"] + 1, state["nonfinite"]
+        start, nonfinite, skipped = state["step"] + 1, state["nonfinite"], state.get("skipped", 0)
         print(f"[spear] resumed from {ckpt} at step {start}", flush=True)
-    _truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), start - 1)
-    _truncate_jsonl(os.path.join(run_dir, "samples.jsonl"), start - 1)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh start also drops an earlier run's step-0 eval
+        truncate_logs(os.path.join(run_dir, name), start - 1 if ckpt else -1)
     metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
     samples_f = open(os.path.join(run_dir, "samples.jsonl"), "a")
     if start == 1 and cfg.eval_every > 0:
@@ -378,36 +404,33 @@ def main(argv=None) -> str:
     bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.run_name, dynamic_ncols=True)
     for step in bar:
         m, trajs = train_step(step, model, tok, fmt, opt, buffer, tasks, cfg, gens, device)
-        nonfinite = nonfinite + 1 if m["skipped"] else 0
-        if nonfinite >= cfg.max_nonfinite_steps:
-            raise SystemExit(f"error: {nonfinite} non-finite steps in a row at step {step}; aborting (weights of the "
-                             f"last checkpoint are intact). Fix: lower --lr or check the data.")
+        nonfinite, skipped = (nonfinite + 1, skipped + 1) if m["skipped"] else (0, skipped)
+        m["skipped_total"] = skipped
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             m.update(held_out_eval(model, tok, cfg, test_tasks))
+        m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # valid JSON
         metrics_f.write(json.dumps(m) + "\n")
         metrics_f.flush()
+        if nonfinite >= cfg.max_nonfinite_steps:
+            last = latest_checkpoint(run_dir) or "none yet"
+            raise SystemExit(f"error: {nonfinite} non-finite steps in a row (loss or grad norm NaN/inf) at step "
+                             f"{step}, aborting; the last checkpoint ({last}) has finite weights. Fix: lower --lr "
+                             f"(or raise --max_nonfinite_steps), check the data, then rerun with --resume auto.")
         for t in trajs[:cfg.samples_per_step]:
             samples_f.write(json.dumps({"step": step, "task": t.task_id, "reward": t.reward, "finish": t.finish,
                                         "text": t.text}) + "\n")
         samples_f.flush()
-        bar.set_postfix(R=f"{m['reward']:.2f}", succ=f"{m['success']:.2f}", ent=f"{m.get('entropy', 0):.2f}",
+        bar.set_postfix(R=f"{m['reward']:.2f}", succ=f"{m['success']:.2f}", ent=f"{m.get('entropy') or 0:.2f}",
                         tools=f"{m['tool_calls']:.2f}", s_step=f"{m['step_s']:.1f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(run_dir, step, model, tok, opt, buffer, gens, asdict(cfg), cfg.keep_ckpts,
-                            extra={"nonfinite": nonfinite})
+            try:
+                save_checkpoint(run_dir, step, model, tok, opt, buffer, gens, asdict(cfg), cfg.keep_ckpts,
+                                extra={"nonfinite": nonfinite, "skipped": skipped})
+            except StorageError as e:
+                raise SystemExit(f"error: {e}") from None
     metrics_f.close()
     samples_f.close()
     return run_dir
-
-
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint so the logs match an uninterrupted run."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
 
 
 if __name__ == "__main__":
