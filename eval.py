@@ -1,6 +1,7 @@
 """Evaluate a policy on an env's held-out split: greedy pass@1, avg@k and unbiased pass@k.
 
     python eval.py --env math --model smollm2-135m --split test --n 64 --k 4
+    python eval.py --compare runs/a runs/b ...   # held-out curves of finished runs: table + plot
 
 prints a table and writes the same numbers as JSON. `evaluate()` is also what train.py calls for
 its held-out evaluations, so training curves and this script measure the same thing.
@@ -89,6 +90,56 @@ def format_table(res: dict, k: int) -> str:
     return "\n".join(lines)
 
 
+def read_run(run_dir: str) -> dict:
+    """A run's config and metrics.jsonl, as written by train.py."""
+    cfg_path, met_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(met_path):
+        raise SystemExit(f"error: {run_dir} has no metrics.jsonl; pass run directories written by train.py")
+    cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+    return {"name": os.path.basename(run_dir.rstrip("/")), "algo": cfg.get("algo", "?"),
+            "metrics": [json.loads(ln) for ln in open(met_path) if ln.strip()]}
+
+
+def compare(run_dirs: list[str], out_prefix: str) -> str:
+    """Held-out success, tool calls and entropy of several runs at their eval points: writes
+    <out_prefix>.json, .md (the table, returned) and .png (success and entropy vs step)."""
+    runs, rows = [read_run(d) for d in run_dirs], []
+    for r in runs:
+        wall = 0.0
+        for m in r["metrics"]:
+            wall += m.get("step_s", 0.0) + m.get("eval_s", 0.0)
+            if "eval_pass@1" in m:
+                rows.append({"run": r["name"], "algo": r["algo"], "step": m["step"], "pass@1": m["eval_pass@1"],
+                             "tool_calls": m["eval_tool_calls"], "entropy": m.get("entropy"),
+                             "train_success": m.get("success"), "wall_min": wall / 60})
+    fmt = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"
+    md = ["| run | algo | step | held-out pass@1 | held-out tool calls/traj | train entropy | train success | "
+          "wall (min) |", "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {x['run']} | {x['algo']} | {x['step']} | {fmt(x['pass@1'])} | {fmt(x['tool_calls'], 2)} | "
+           f"{fmt(x['entropy'], 2)} | {fmt(x['train_success'])} | {fmt(x['wall_min'], 1)} |" for x in rows]
+    table = "\n".join(md)
+    os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
+    with open(out_prefix + ".json", "w") as f:
+        json.dump({"runs": [{k: v for k, v in r.items()} for r in runs], "eval_points": rows}, f, indent=1)
+    with open(out_prefix + ".md", "w") as f:
+        f.write(table + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in runs:
+        ev = [m for m in r["metrics"] if "eval_pass@1" in m]
+        ax1.plot([m["step"] for m in ev], [m["eval_pass@1"] for m in ev], marker="o", label=r["name"])
+        tr = [m for m in r["metrics"] if "entropy" in m]
+        ax2.plot([m["step"] for m in tr], [m["entropy"] for m in tr], label=r["name"])
+    ax1.set(xlabel="step", ylabel="held-out greedy pass@1", title="held-out success")
+    ax2.set(xlabel="step", ylabel="mean token entropy (trained tokens)", title="policy entropy")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_prefix + ".png", dpi=110)
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="math", choices=["math", "household", "shop"])
@@ -103,8 +154,13 @@ def main(argv=None):
     p.add_argument("--max_turn_tokens", type=int, default=160)
     p.add_argument("--max_total_tokens", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON output path (default runs/eval/<env>-<model>-<split>.json)")
+    p.add_argument("--out", default=None, help="JSON output path (default runs/eval/<env>-<model>-<split>.json); "
+                   "with --compare the prefix of the .json/.md/.png outputs (default results/compare)")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="table and plot from these runs' metrics instead")
     a = p.parse_args(argv)
+    if a.compare:
+        print(compare(a.compare, a.out or os.path.join("results", "compare")))
+        return
     torch.manual_seed(a.seed)
     from model import load_model
     model, tok = load_model(a.model)

@@ -1,7 +1,7 @@
 """Train an LLM agent with GRPO, Dr.BoT or SPEAR (arXiv 2509.22601).
 
     python train.py --env math                          # SPEAR on the bundled SmolLM2-135M, CPU
-    python train.py --env math --model Qwen2.5-1.5B --preset paper   # the paper's sizes, GPU
+    python train.py --env math --model Qwen2.5-1.5B     # the paper's model, GPU (sizes: README)
 
 One step (DESIGN §2): sample P tasks -> roll out P x G episodes -> shaped reward R = outcome + w(s) b
 -> response filters -> std group filter -> advantages -> maybe replay (SPEAR) -> one optimizer step on
@@ -93,6 +93,7 @@ class Config:
     resume: str = "none"  # none | auto | path to a checkpoint dir
     device: str | None = None
     samples_per_step: int = 2
+    sandbox: str = "default"  # math: default (run with the isolation layers this machine has) | strict
 
 
 FILTERS = ("overlong", "incomplete", "repetitive", "unreadable")
@@ -152,6 +153,8 @@ def finalize(cfg: Config) -> Config:
     if cfg.resume not in ("none", "auto") and not os.path.exists(os.path.join(cfg.resume, MARKER)):
         errors.append(f"--resume must be none, auto or a committed checkpoint directory (with {MARKER}); "
                       f"{cfg.resume!r} is none of these")
+    if cfg.sandbox not in ("default", "strict"):
+        errors.append(f"--sandbox must be default or strict, got {cfg.sandbox!r}")
     if errors:
         raise SystemExit("error: invalid configuration:\n  " + "\n  ".join(errors))
     return cfg
@@ -380,6 +383,13 @@ def main(argv=None) -> str:
         model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
         fmt = ChatFormat(tok)
         check_prompt_budget(cfg, fmt, tasks)
+        if cfg.env == "math":  # DESIGN §6: the isolation level is logged; strict refuses a weaker one
+            import sandbox
+            try:
+                sandbox.configure(strict=cfg.sandbox == "strict")
+            except RuntimeError as e:
+                raise ValueError(str(e)) from None
+            print(f"[spear] sandbox isolation: {sandbox.isolation_level()}", flush=True)
         prepare_run_dir(run_dir, asdict(cfg))
     except (ValueError, ModelNotFound, StorageError) as e:
         raise SystemExit("error: " + str(e).replace("\n", " ")) from None

@@ -318,3 +318,19 @@ if __name__ == "__main__":  # the toy trainer as its own process (for the SIGKIL
     train.make_env = eval_mod.make_env = lambda name, **kw: conftest.ToyEnv()
     train.load_tasks = conftest.toy_tasks
     train.main(sys.argv[1:])
+
+
+def test_sandbox_strict_refuses_a_machine_with_a_missing_layer(monkeypatch, tmp_path):
+    """--sandbox strict fails before anything is written when a layer is not in force (simulated here:
+    this machine may have them all); an unknown --sandbox value is a config error."""
+    import sandbox
+    import train
+    monkeypatch.setattr(sandbox, "_STRICT", False)  # restored after the test: strict must not leak
+    monkeypatch.setattr(sandbox, "isolation_level",
+                        lambda: "rlimits+setsid+tmpdir+subreaper+landlock(missing: ENOSYS, kernel without Landlock)")
+    with pytest.raises(SystemExit) as e:
+        train.main(_train_argv(tmp_path / "runs", ["--sandbox", "strict"]))
+    assert str(e.value).startswith("error: sandbox strict mode") and "landlock(missing" in str(e.value)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit, match="--sandbox must be default or strict"):
+        train.parse_args(["--sandbox", "paranoid"])

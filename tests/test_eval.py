@@ -1,0 +1,65 @@
+"""eval.py: unbiased pass@k at its edges, summaries, and the --compare table of finished runs."""
+import json
+import math
+
+import pytest
+
+from eval import compare, pass_at_k, summarize
+from rollout import Trajectory
+
+
+def test_pass_at_k_edges_and_a_hand_computed_value():
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 0, 4) == 0.0  # c = 0
+    assert pass_at_k(4, 4, 1) == 1.0 and pass_at_k(4, 4, 4) == 1.0  # c = n
+    assert pass_at_k(5, 3, 3) == 1.0  # k > n - c: every k-subset holds a success
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))  # 1 - 3/10 = 0.7
+    for bad in ((4, 5, 1), (4, -1, 1), (4, 1, 0), (4, 1, 5)):
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+def _traj(task, success, tools, finish="answer"):
+    return Trajectory(tokens=[1, 2, 3], loss_mask=[0, 1, 1], logprobs=[0.0, -1.0, -1.0], prompt_len=1, task_id=task,
+                      group=0, success=success, n_tool_calls=tools, n_turns=1, finish=finish)
+
+
+def test_summarize_counts_per_trajectory_and_pass_at_k_per_task():
+    trajs = [_traj("a", True, 1), _traj("a", False, 0, "void"), _traj("b", False, 2), _traj("b", False, 0, "void")]
+    s = summarize(trajs, k=2)
+    assert s["success"] == 0.25 and s["tool_calls"] == 0.75 and s["tool_use_rate"] == 0.5
+    assert s["finish"] == {"answer": 2, "void": 2} and s["sampled_tokens"] == 2
+    assert s["pass@2"] == 0.5  # task a: 1 of 2 correct -> pass@2 = 1; task b: 0
+
+
+def _run(tmp_path, name, algo, lines):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"algo": algo, "steps": 2}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    return str(d)
+
+
+def test_compare_table_reads_eval_points_with_cumulative_wall_time(tmp_path):
+    a = _run(tmp_path, "math-grpo-s0", "grpo", [
+        {"step": 0, "eval_pass@1": 0.1, "eval_tool_calls": 0.2, "eval_s": 30},
+        {"step": 1, "entropy": 1.5, "success": 0.0, "step_s": 60},
+        {"step": 2, "entropy": 1.25, "success": 0.5, "step_s": 60, "eval_pass@1": 0.25, "eval_tool_calls": 0.5,
+         "eval_s": 30}])
+    b = _run(tmp_path, "math-spear-s0", "spear", [{"step": 0, "eval_pass@1": 0.125, "eval_tool_calls": 0.0,
+                                                   "eval_s": 60}])
+    table = compare([a, b], str(tmp_path / "out" / "cmp"))
+    rows = table.splitlines()
+    assert len(rows) == 2 + 3
+    assert rows[2] == "| math-grpo-s0 | grpo | 0 | 0.100 | 0.20 | – | – | 0.5 |"
+    assert rows[3] == "| math-grpo-s0 | grpo | 2 | 0.250 | 0.50 | 1.25 | 0.500 | 3.0 |"  # (30+60+60+30) s
+    assert rows[4] == "| math-spear-s0 | spear | 0 | 0.125 | 0.00 | – | – | 1.0 |"
+    saved = json.loads((tmp_path / "out" / "cmp.json").read_text())
+    assert [p["step"] for p in saved["eval_points"]] == [0, 2, 0]
+    assert (tmp_path / "out" / "cmp.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "cmp.md").read_text() == table + "\n"
+
+
+def test_compare_names_the_fix_for_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        compare([str(tmp_path)], str(tmp_path / "cmp"))
