@@ -201,6 +201,17 @@ def _logp_entropy(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
     return logp, entropy
 
 
+class LogProbs(torch.nn.Module):
+    """token_logprobs as a module: the one forward the trainer runs, so DDP can wrap it (distributed.py)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, target_mask, temperature: float = 1.0):
+        return token_logprobs(self.model, input_ids, target_mask, temperature=temperature)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, target_mask: torch.Tensor, temperature: float = 1.0,
                    chunk: int = 1024, attention_mask: torch.Tensor | None = None):
     """log pi(x_t | x_<t) and the full next-token entropy at every position with target_mask = 1.

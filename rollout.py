@@ -19,6 +19,8 @@ memory budget, so thousands of trajectories never need one giant cache.
 """
 from __future__ import annotations
 
+import hashlib
+
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,9 +130,31 @@ class ChatFormat:
         return closing + self.encode([(self.obs_pre_text, True), (obs, False), (self.obs_post_text, True)])
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None):
-    """logits (R, V) -> tokens (R,), log-probs (R,) under softmax(logits / T) (before top-p truncation;
-    the trainer scores tokens with the same tempered distribution). T = 0 is greedy (log-probs at T = 1)."""
+M32 = 0xFFFFFFFF
+
+
+def row_keys(base: int, groups: list[int], members: list[int]) -> list[int]:
+    """A 32-bit random-stream key per row from (base seed, group id, member index)."""
+    return [int(hashlib.sha256(f"{base}/{g}/{j}".encode()).hexdigest()[:8], 16) for g, j in zip(groups, members)]
+
+
+def row_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1): a hash of (row key, the row's own token counter), (R,) int64 each.
+    A row's samples thus never depend on which rows share its batch, its wave or its DDP rank.
+    All products stay below 2^63 (32-bit values times 31/32-bit constants), so int64 never overflows."""
+    x = (keys + counters * 0x9E3779B1) & M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & M32
+    x = x ^ (x >> 16)
+    return (x.double() + 0.5) / 2.0 ** 32
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None = None):
+    """logits (R, V), uniforms u (R,) -> tokens (R,), log-probs (R,) under softmax(logits / T) (before top-p
+    truncation; the trainer scores tokens with the same tempered distribution), by inverse CDF.
+    T = 0 is greedy (log-probs at T = 1)."""
     logits = logits.float()
     if temperature <= 0:
         tok = logits.argmax(-1)
@@ -141,7 +165,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         sp, si = probs.sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix with mass >= top_p
         probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)  # (R, V)
+    tok = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=probs.shape[1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -192,12 +217,17 @@ class GrowingCache(Cache):
 def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_turns: int = 4,
             max_turn_tokens: int = 256, max_total_tokens: int = 2048, temperature: float = 1.0, top_p: float = 1.0,
             generator: torch.Generator | None = None, kv_budget_gb: float | None = None,
-            fmt: ChatFormat | None = None) -> list[Trajectory]:
+            fmt: ChatFormat | None = None, group_offset: int = 0) -> list[Trajectory]:
     """Run len(tasks) * group_size episodes; returns them grouped: tasks[0] x G, tasks[1] x G, ...
 
     env_fn() -> a fresh Env (one per row). Budgets: per-turn token cap, turn cap, and a total token
     budget per trajectory (prompt + everything); a trajectory that hits one ends with finish = which.
+    Sampling: one draw from `generator` (default: torch's global RNG) seeds the call; row (group g,
+    member j) then has its own random stream keyed by (seed, g, j), with g = group_offset + task index.
+    So the sampled tokens do not depend on waves or batch composition (up to the float noise of batched
+    kernels), and a DDP rank passing group_offset = its first task's index reproduces one process.
     """
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
     fmt = fmt or ChatFormat(tok)
     device = next(model.parameters()).device
     if kv_budget_gb is None:
@@ -207,8 +237,8 @@ def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_t
     tasks_per_wave = max(1, rows_fit // group_size)
     out: list[Trajectory] = []
     for w in range(0, len(tasks), tasks_per_wave):
-        out += _wave(model, fmt, tasks[w:w + tasks_per_wave], w, env_fn, group_size, max_turns, max_turn_tokens,
-                     max_total_tokens, temperature, top_p, generator, device)
+        out += _wave(model, fmt, tasks[w:w + tasks_per_wave], group_offset + w, env_fn, group_size, max_turns,
+                     max_turn_tokens, max_total_tokens, temperature, top_p, base, device)
     return out
 
 
@@ -228,7 +258,7 @@ def _left_pad(seqs: list[list[int]], pad: int, device):
 
 
 def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_total_tokens, temperature, top_p,
-          generator, device):
+          base, device):
     tok = fmt.tok
     pad = tok.pad_token_id
     envs = [env_fn() for _ in range(len(tasks) * G)]
@@ -255,6 +285,8 @@ def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_
     attn, logits = attn.repeat_interleave(G, 0), logits.repeat_interleave(G, 0)
     next_pos = attn.sum(-1)  # (R,) position of each row's next token
     rows = list(range(len(envs)))  # trajectory index of each live cache row
+    keys = torch.tensor(row_keys(base, [t.group for t in trajs], [i % G for i in rows]), device=device)  # (R,)
+    counters = torch.zeros(len(rows), dtype=torch.long, device=device)  # (R,) tokens each row has sampled
     pool = ThreadPoolExecutor(max_workers=8)
 
     for turn in range(max_turns):
@@ -267,7 +299,8 @@ def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_
         room = [min(max_turn_tokens, max_total_tokens - len(trajs[r].tokens)) for r in rows]
         # 2. lockstep decode of one turn
         while True:
-            nxt, lp = sample_next(logits, temperature, top_p, generator)  # (R,), (R,)
+            nxt, lp = sample_next(logits, temperature, top_p, row_uniforms(keys, counters))  # (R,), (R,)
+            counters = counters + active.long()
             nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
             is_eos = torch.isin(nxt, eos) & active
             check = (trigger[nxt] & active).tolist()
@@ -327,7 +360,7 @@ def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_
         idx = torch.tensor(keep, device=device)
         if len(keep) < R:
             cache.batch_select_indices(idx)
-            attn, next_pos = attn[idx], next_pos[idx]
+            attn, next_pos, keys, counters = attn[idx], next_pos[idx], keys[idx], counters[idx]
         rows = [rows[j] for j in keep]
         ids, m = _left_pad(suffixes, pad, device)
         pos = next_pos[:, None] + (m.cumsum(-1) - 1).clamp(min=0)

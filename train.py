@@ -2,6 +2,7 @@
 
     python train.py --env math                          # SPEAR on the bundled SmolLM2-135M, CPU
     python train.py --env math --model Qwen2.5-1.5B     # the paper's model, GPU (sizes: README)
+    torchrun --nproc_per_node 4 train.py --env math --model Qwen2.5-7B   # data parallel (distributed.py)
 
 One step (DESIGN §2): sample P tasks -> roll out P x G episodes -> shaped reward R = outcome + w(s) b
 -> response filters -> std group filter -> advantages -> maybe replay (SPEAR) -> one optimizer step on
@@ -28,7 +29,8 @@ from checkpoint import (MARKER, StorageError, crash_point, latest_checkpoint, lo
 from curriculum import sil_coef, toolcall_weight
 from envs import ENV_NAMES, load_tasks, make_env
 from loss import agg_loss, group_advantages, policy_loss, response_filter_reasons, std_group_filter
-from model import ModelNotFound, autocast, load_model, token_logprobs
+import distributed
+from model import LogProbs, ModelNotFound, autocast, load_model
 from rollout import ChatFormat, rollout
 
 
@@ -45,7 +47,7 @@ class Config:
     # batch and budgets
     steps: int = 14
     train_batch_size: int = 8  # P tasks per step
-    n: int = 4  # G rollouts per task (group size)
+    n: int = 4  # G rollouts per task (group size); also --group_size (torchrun takes --n for its own flags)
     max_turns: int = 3
     max_turn_tokens: int = 160
     max_total_tokens: int = 1024
@@ -106,6 +108,7 @@ ALGOS = {  # DESIGN §4.2-4.4
                   loss_mode="vanilla", use_toolcall_reward="none", use_replay=False),
 }
 ALGOS["spear"] = {**ALGOS["drbot"], "loss_mode": "clip_cov", "use_toolcall_reward": "cosine", "use_replay": True}
+EXTREMES = {"ratio_min": min, "ratio_max": max}  # policy_loss metrics reduced by min/max, not averaged
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -166,7 +169,8 @@ def parse_args(argv=None) -> Config:
         t = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
         if "bool" in str(f.type):
             t = lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
-        p.add_argument(f"--{f.name}", type=t, default=f.default, metavar=str(f.type).split(" ")[0].upper())
+        names = [f"--{f.name}"] + (["--group_size"] if f.name == "n" else [])  # torchrun reads --n as its own
+        p.add_argument(*names, type=t, default=f.default, metavar=str(f.type).split(" ")[0].upper())
     return finalize(Config(**vars(p.parse_args(argv))))
 
 
@@ -198,7 +202,7 @@ def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches + ([cur] if cur else [])
 
 
-def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, gen: torch.Generator, device):
+def loss_terms(policy, seqs: list[dict], cfg: Config, coef: float, replay: bool, gen: torch.Generator, device):
     """Forward+backward of one loss (on-policy or SIL) over micro-batches; returns metrics and old log-probs.
 
     Each micro-batch contributes its share of the mini-batch normalizers (global_tokens / global_seqs),
@@ -217,7 +221,9 @@ def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, 
     elif cfg.loss_mode == "kl_cov":
         kw.update(cov_ratio=cfg.kl_cov_ratio, kl_cov_coef=cfg.kl_cov_coef)
     work = [i for i, s in enumerate(seqs) if s["advantage"] != 0 or cfg.entropy_coeff]
+    n_work, work = len(work), distributed.shard(work)  # this rank's share (all of it in one process)
     sums: dict[str, float] = {}
+    ext: dict[str, float] = {}
     total_loss, trained_tokens = 0.0, 0.0
     old_logps: dict[int, list[float]] = {}
     for mb in pack_micro_batches([len(seqs[i]["tokens"]) for i in work], cfg.micro_token_budget):
@@ -225,8 +231,8 @@ def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, 
         T = max(len(seqs[i]["tokens"]) for i in mb)
         pad = lambda key, fill: torch.tensor([seqs[i][key] + [fill] * (T - len(seqs[i][key])) for i in mb], device=device)
         ids, mask = pad("tokens", 0), pad("loss_mask", 0)
-        with autocast(device):
-            logp, ent = token_logprobs(model, ids, mask, temperature=cfg.temperature)  # (b, T) fp32
+        with autocast(device), distributed.no_sync(policy):
+            logp, ent = policy(ids, mask, temperature=cfg.temperature)  # (b, T) fp32
         old = pad("old_logp", 0.0) if replay else logp.detach()  # one step per batch: old = current, exactly
         adv = torch.tensor([seqs[i]["advantage"] for i in mb], device=device, dtype=torch.float32)  # (b,)
         loss, m = policy_loss(logp, old, adv, mask, **kw)
@@ -234,7 +240,8 @@ def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, 
             loss = loss - cfg.entropy_coeff * agg_loss(ent, mask, cfg.loss_agg_mode, kw["max_len"],
                                                        global_tokens=kw["global_tokens"], global_seqs=len(seqs))
         if torch.isfinite(loss):
-            (coef * loss).backward()
+            with distributed.no_sync(policy):  # DDP averages over ranks: scale so the sum is the gradient
+                (coef * distributed.world() * loss).backward()
         n_tok = float(mask.sum())
         total_loss += float(loss.detach())
         trained_tokens += n_tok
@@ -244,10 +251,18 @@ def loss_terms(model, seqs: list[dict], cfg: Config, coef: float, replay: bool, 
             m["kl_sampler_trainer"] = float(((sampler - logp.detach()) * mask).sum()) / max(n_tok, 1)
             for r, i in enumerate(mb):
                 old_logps[i] = logp[r].detach().tolist()
-        for k, v in m.items():  # token-weighted means over the trained tokens
-            sums[k] = sums.get(k, 0.0) + v * n_tok
-    out = {k: v / max(trained_tokens, 1) for k, v in sums.items() if k != "n_loss_tokens"}
-    return {**out, "loss": total_loss, "trained_seqs": len(work), "trained_tokens": trained_tokens}, old_logps
+        for k, v in m.items():  # token-weighted means over the trained tokens; extremes for min/max
+            if k in EXTREMES:
+                ext[k] = EXTREMES[k](ext.get(k, v), v)
+            else:
+                sums[k] = sums.get(k, 0.0) + v * n_tok
+    parts = distributed.gather([(sums, ext, total_loss, trained_tokens, old_logps)])  # every rank's share
+    sums = {k: sum(p[0].get(k, 0.0) for p in parts) for k in sorted({k for p in parts for k in p[0]})}
+    ext = {k: EXTREMES[k](p[1][k] for p in parts if k in p[1]) for k in sorted({k for p in parts for k in p[1]})}
+    total_loss, trained_tokens = sum(p[2] for p in parts), sum(p[3] for p in parts)
+    old_logps = {i: lp for p in parts for i, lp in p[4].items()}
+    out = {**{k: v / max(trained_tokens, 1) for k, v in sums.items() if k != "n_loss_tokens"}, **ext}
+    return {**out, "loss": total_loss, "trained_seqs": n_work, "trained_tokens": trained_tokens}, old_logps
 
 
 def shape_rewards(trajs, w: float) -> None:
@@ -256,17 +271,20 @@ def shape_rewards(trajs, w: float) -> None:
         t.reward = t.outcome + w * t.toolcall_bonus
 
 
-def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens, device) -> dict:
+def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens, device, policy=None) -> dict:
+    """One step of DESIGN §2. `policy` is the (DDP-wrapped, under torchrun) LogProbs(model)."""
     t0 = time.time()
+    policy = policy or LogProbs(model)
     env_fn = functools.partial(make_env, cfg.env)
-    # 1-2. tasks and rollouts
+    # 1-2. tasks and rollouts (under torchrun: this rank's share, then everyone gets the whole batch)
     model.eval()
+    mine = distributed.shard(step_tasks(tasks, step, cfg.train_batch_size, cfg.seed))
     with autocast(device):
-        trajs = rollout(model, tok, step_tasks(tasks, step, cfg.train_batch_size, cfg.seed), env_fn, cfg.n,
-                        max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
+        trajs = rollout(model, tok, mine, env_fn, cfg.n, max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                         max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        generator=gens["rollout"], fmt=fmt)
+                        generator=gens["rollout"], fmt=fmt, group_offset=distributed.rank() * len(mine))
     crash_point("after_rollout", step)  # test hook (checkpoint.py)
+    trajs = distributed.gather(trajs)
     t_roll = time.time() - t0
     n_infra = sum(t.infra_error for t in trajs)
     trajs = [t for t in trajs if not t.infra_error]  # an infra failure is never scored as a wrong answer
@@ -293,11 +311,12 @@ def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens
     model.train()
     opt.zero_grad(set_to_none=True)
     t1 = time.time()
-    m_on, old_logps = loss_terms(model, on, cfg, 1.0, False, gens["loss"], device) if on else ({}, {})
+    m_on, old_logps = loss_terms(policy, on, cfg, 1.0, False, gens["loss"], device) if on else ({}, {})
     m_sil = {}
     if replay and lam > 0:
         sil = [dict(tokens=s.tokens, loss_mask=s.loss_mask, old_logp=s.old_logp, advantage=s.advantage) for s in replay]
-        m_sil, _ = loss_terms(model, sil, cfg, lam, True, gens["loss"], device)
+        m_sil, _ = loss_terms(policy, sil, cfg, lam, True, gens["loss"], device)
+    distributed.sync_grads(policy, device)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if grads else 0.0
     finite = math.isfinite(gnorm) and all(math.isfinite(m.get("loss", 0.0)) for m in (m_on, m_sil))
@@ -370,7 +389,10 @@ def main(argv=None) -> str:
     from tqdm import tqdm
     run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     seed_all(cfg.seed)
-    device = torch.device(cfg.device) if cfg.device else None
+    rank, world, device = distributed.init(torch.device(cfg.device) if cfg.device else None)
+    if cfg.train_batch_size % world:
+        raise SystemExit(f"error: --train_batch_size {cfg.train_batch_size} does not split over {world} ranks. "
+                         f"Fix: a multiple of the number of processes.")
     ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (cfg.resume if cfg.resume != "none" else None)
     if cfg.resume == "none" and latest_checkpoint(run_dir):
         raise SystemExit(f"error: {run_dir} already holds checkpoints of an earlier run ({latest_checkpoint(run_dir)})"
@@ -390,10 +412,13 @@ def main(argv=None) -> str:
             except RuntimeError as e:
                 raise ValueError(str(e)) from None
             print(f"[spear] sandbox isolation: {sandbox.isolation_level()}", flush=True)
-        prepare_run_dir(run_dir, asdict(cfg))
+        if rank == 0:
+            prepare_run_dir(run_dir, asdict(cfg))
     except (ValueError, ModelNotFound, StorageError) as e:
         raise SystemExit("error: " + str(e).replace("\n", " ")) from None
+    distributed.barrier()
     device = next(model.parameters()).device
+    policy = distributed.wrap(LogProbs(model))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     buffer = ReplayBuffer(cfg.trajectory_buffer_size, cfg.trajectory_tolerate_steps, cfg.baseline_buffer_size,
                           cfg.weight_decay_trajectory_replay)
@@ -404,20 +429,28 @@ def main(argv=None) -> str:
         state = load_checkpoint(ckpt, opt, buffer, gens)
         start, nonfinite, skipped = state["step"] + 1, state["nonfinite"], state.get("skipped", 0)
         print(f"[spear] resumed from {ckpt} at step {start}", flush=True)
-    for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh start also drops an earlier run's step-0 eval
-        truncate_logs(os.path.join(run_dir, name), start - 1 if ckpt else -1)
-    metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-    samples_f = open(os.path.join(run_dir, "samples.jsonl"), "a")
+    if rank > 0:  # rank 0 evaluates, logs and checkpoints; the others write nothing
+        metrics_f = samples_f = open(os.devnull, "w")
+    else:
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh start also drops an earlier run's step-0 eval
+            truncate_logs(os.path.join(run_dir, name), start - 1 if ckpt else -1)
+        metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        samples_f = open(os.path.join(run_dir, "samples.jsonl"), "a")
     if start == 1 and cfg.eval_every > 0:
-        metrics_f.write(json.dumps({"step": 0, **held_out_eval(model, tok, cfg, test_tasks)}) + "\n")
-        metrics_f.flush()
-    bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.run_name, dynamic_ncols=True)
+        if rank == 0:
+            metrics_f.write(json.dumps({"step": 0, **held_out_eval(model, tok, cfg, test_tasks)}) + "\n")
+            metrics_f.flush()
+        distributed.barrier()
+    bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.run_name, dynamic_ncols=True,
+               disable=rank > 0)
     for step in bar:
-        m, trajs = train_step(step, model, tok, fmt, opt, buffer, tasks, cfg, gens, device)
+        m, trajs = train_step(step, model, tok, fmt, opt, buffer, tasks, cfg, gens, device, policy)
         nonfinite, skipped = (nonfinite + 1, skipped + 1) if m["skipped"] else (0, skipped)
         m["skipped_total"] = skipped
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-            m.update(held_out_eval(model, tok, cfg, test_tasks))
+            if rank == 0:
+                m.update(held_out_eval(model, tok, cfg, test_tasks))
+            distributed.barrier()
         m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # valid JSON
         metrics_f.write(json.dumps(m) + "\n")
         metrics_f.flush()
@@ -432,12 +465,13 @@ def main(argv=None) -> str:
         samples_f.flush()
         bar.set_postfix(R=f"{m['reward']:.2f}", succ=f"{m['success']:.2f}", ent=f"{m.get('entropy') or 0:.2f}",
                         tools=f"{m['tool_calls']:.2f}", s_step=f"{m['step_s']:.1f}")
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if (step % cfg.ckpt_every == 0 or step == cfg.steps) and rank == 0:
             try:
                 save_checkpoint(run_dir, step, model, tok, opt, buffer, gens, asdict(cfg), cfg.keep_ckpts,
                                 extra={"nonfinite": nonfinite, "skipped": skipped})
             except StorageError as e:
                 raise SystemExit(f"error: {e}") from None
+        distributed.barrier()
     metrics_f.close()
     samples_f.close()
     return run_dir

@@ -306,20 +306,6 @@ def test_bad_input_cli_prints_one_line_without_traceback(tmp_path):
     assert not out.exists()
 
 
-if __name__ == "__main__":  # the toy trainer as its own process (for the SIGKILL tests); argv = train.py flags
-    import conftest  # noqa: F401  (also sets torch's thread count like the in-process tests)
-    import eval as eval_mod
-    import train
-    from model import bundled_tokenizer, tiny_random_model
-    tok = bundled_tokenizer()
-    W = tiny_random_model(tok, seed=0).lm_head.weight.detach()  # the GOOD set of conftest's toy_train fixture
-    u = torch.randn(W.shape[1], generator=torch.Generator().manual_seed(123))
-    conftest.ToyEnv.GOOD, conftest.ToyEnv.tok = set(torch.nonzero(W @ u > 0).flatten().tolist()), tok
-    train.make_env = eval_mod.make_env = lambda name, **kw: conftest.ToyEnv()
-    train.load_tasks = conftest.toy_tasks
-    train.main(sys.argv[1:])
-
-
 def test_sandbox_strict_refuses_a_machine_with_a_missing_layer(monkeypatch, tmp_path):
     """--sandbox strict fails before anything is written when a layer is not in force (simulated here:
     this machine may have them all); an unknown --sandbox value is a config error."""
@@ -334,3 +320,17 @@ def test_sandbox_strict_refuses_a_machine_with_a_missing_layer(monkeypatch, tmp_
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit, match="--sandbox must be default or strict"):
         train.parse_args(["--sandbox", "paranoid"])
+
+
+if __name__ == "__main__":  # the toy trainer as its own process (for the SIGKILL tests); argv = train.py flags
+    import conftest  # noqa: F401  (also sets torch's thread count like the in-process tests)
+    import eval as eval_mod
+    import train
+    from model import bundled_tokenizer, tiny_random_model
+    tok = bundled_tokenizer()
+    W = tiny_random_model(tok, seed=0).lm_head.weight.detach()  # the GOOD set of conftest's toy_train fixture
+    u = torch.randn(W.shape[1], generator=torch.Generator().manual_seed(123))
+    conftest.ToyEnv.GOOD, conftest.ToyEnv.tok = set(torch.nonzero(W @ u > 0).flatten().tolist()), tok
+    train.make_env = eval_mod.make_env = lambda name, **kw: conftest.ToyEnv()
+    train.load_tasks = conftest.toy_tasks
+    train.main(sys.argv[1:])
