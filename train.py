@@ -405,13 +405,12 @@ def main(argv=None) -> str:
         model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
         fmt = ChatFormat(tok)
         check_prompt_budget(cfg, fmt, tasks)
-        if cfg.env == "math":  # DESIGN §6: the isolation level is logged; strict refuses a weaker one
-            import sandbox
+        if cfg.env == "math" and cfg.sandbox == "strict":  # refuse a weaker jail before any work (DESIGN §6);
+            import sandbox  # otherwise the pool logs its isolation level when it starts
             try:
-                sandbox.configure(strict=cfg.sandbox == "strict")
+                sandbox.configure(strict=True)
             except RuntimeError as e:
                 raise ValueError(str(e)) from None
-            print(f"[spear] sandbox isolation: {sandbox.isolation_level()}", flush=True)
         if rank == 0:
             prepare_run_dir(run_dir, asdict(cfg))
     except (ValueError, ModelNotFound, StorageError) as e:
