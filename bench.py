@@ -1,0 +1,375 @@
+"""Speed benchmarks, each a ratio measured side by side in one process (these machines are noisy).
+
+    python bench.py rollout  [--quick]   our multi-turn sampler vs model.generate re-prefilling every turn
+    python bench.py train    [--quick]   chunked log-prob fwd+bwd vs naive full (B, T, V) fp32 logits: tokens/s,
+                                         peak memory, memory vs tokens per micro-batch, MFU vs measured matmul peak
+    python bench.py spear-overhead [--quick]   update time of SPEAR vs Dr.BoT on the same rollout batch,
+                                         without and with a replay batch
+    python bench.py sandbox  [--quick]   executions/s and p50/p99 latency, with and without hostile neighbours
+    python bench.py learning [--env math] GRPO vs Dr.BoT vs SPEAR from the same model, seed, tasks and budget;
+                                         resumable; writes results/learning_<env>.{json,md,png}
+
+Results are printed and appended to results/bench.jsonl with the machine description.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
+        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def naive_rollout(model, tok, tasks, env_name, max_turns, max_turn_tokens):
+    """The baseline a naive loop would write: every turn, model.generate on the whole conversation so far
+    of every row (left-padded batch, greedy), re-prefilling everything. Observations use the same token
+    format. `tasks` has one entry per row (a task repeated G times for a group)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from envs import make_env
+    from rollout import ChatFormat
+    fmt = ChatFormat(tok)
+    envs = [make_env(env_name) for _ in tasks]
+    ctx = [fmt.prompt(e.reset(t)) for e, t in zip(envs, tasks)]
+    live, out_tokens = list(range(len(tasks))), [[] for _ in tasks]
+
+    class EnvStop(StoppingCriteria):
+        def __init__(self, rows, start):
+            self.rows, self.start = rows, start
+
+        def __call__(self, input_ids, scores, **kw):
+            return torch.tensor([envs[r].is_stop(tok.decode(input_ids[j, self.start:])) for j, r in
+                                 enumerate(self.rows)], device=input_ids.device)
+
+    for _ in range(max_turns):
+        if not live:
+            break
+        n = max(len(ctx[r]) for r in live)
+        ids = torch.tensor([[tok.pad_token_id] * (n - len(ctx[r])) + ctx[r] for r in live])
+        att = torch.tensor([[0] * (n - len(ctx[r])) + [1] * len(ctx[r]) for r in live])
+        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_turn_tokens, do_sample=False,
+                             eos_token_id=sorted(fmt.eos_ids), pad_token_id=tok.pad_token_id,
+                             stopping_criteria=StoppingCriteriaList([EnvStop(live, n)]))[:, n:]
+        nxt = []
+        for j, r in enumerate(live):
+            turn = gen[j].tolist()
+            cut = next((i + 1 for i, x in enumerate(turn) if x in fmt.eos_ids), None)
+            for i in range(1, len(turn) + 1):  # generate pads finished rows: keep through the stop point
+                if cut is None and envs[r].is_stop(tok.decode(turn[:i])):
+                    cut = i
+            turn = turn[:cut] if cut else [x for x in turn]
+            ended_eos = bool(turn) and turn[-1] in fmt.eos_ids
+            out_tokens[r] += turn
+            obs, done, _ = envs[r].step(tok.decode(turn[:-1] if ended_eos else turn))
+            ctx[r] = ctx[r] + turn
+            if not done:
+                ctx[r] += fmt.observation(obs, ended_eos)
+                nxt.append(r)
+        live = nxt
+    return out_tokens
+
+
+def bench_rollout(a):
+    from envs import load_tasks, make_env
+    from model import load_model
+    from rollout import rollout
+    model, tok = load_model(a.model)
+    n, G, turns, cap = (4, 2, 2, 64) if a.quick else (8, 4, 3, 128)  # an RL batch: n tasks x G rollouts
+    tasks = load_tasks("math", "test", n=n)
+    res = {}
+    t = time.time()
+    ours = rollout(model, tok, tasks, functools.partial(make_env, "math"), G, max_turns=turns, max_turn_tokens=cap,
+                   max_total_tokens=4096, temperature=0.0)
+    res["ours_s"] = time.time() - t
+    t = time.time()
+    with torch.no_grad():
+        naive = naive_rollout(model, tok, [x for x in tasks for _ in range(G)], "math", turns, cap)
+    res["naive_s"] = time.time() - t
+    ours_tok = [[x for x, m in zip(o.tokens, o.loss_mask) if m] for o in ours]
+    n_tok = sum(len(x) for x in ours_tok)
+    res.update(tasks=n, group_size=G, max_turns=turns, max_turn_tokens=cap, generated_tokens=n_tok,
+               ours_tok_s=n_tok / res["ours_s"], naive_tok_s=sum(len(x) for x in naive) / res["naive_s"],
+               identical_rows=sum(a_ == b_ for a_, b_ in zip(ours_tok, naive)))
+    res["speedup"] = res["ours_tok_s"] / res["naive_tok_s"]
+    return res
+
+
+def peak_mem_reset(device) -> None:
+    """Start a new peak-memory window: CUDA allocator peak, or the process's peak RSS (VmHWM) on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def mem_gb(device, peak: bool) -> float:
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
+    key = "VmHWM:" if peak else "VmRSS:"
+    return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key)) / 2**20
+
+
+def matmul_peak(device, dtype, n=2048, reps=10) -> float:
+    """Measured FLOP/s of an n x n matmul, the denominator of MFU (as nanoGPT reports it, but measured)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t = time.time()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.time() - t)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_flops(cfg, n_params: int, B: int, T: int, n_loss: int) -> float:
+    """Model FLOPs of one fwd+bwd (6 per parameter per token): the transformer body on all B*T tokens,
+    the LM head only on the n_loss target positions (token_logprobs never forms the others), and causal
+    attention 6 * n_layer * d * T per token (nanoGPT's 12 L d T, halved for the causal mask)."""
+    head = cfg.vocab_size * cfg.hidden_size
+    return 6 * (n_params - head) * B * T + 6 * head * n_loss + 6 * cfg.num_hidden_layers * cfg.hidden_size * T * B * T
+
+
+def bench_train(a):
+    from model import load_model, token_logprobs
+    model, _ = load_model(a.model)
+    model.train()
+    device = next(model.parameters()).device
+    B, T = (4, 256) if a.quick else (8, 512)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(B, T):  # a rollout-shaped batch: the first quarter of every row is prompt
+        ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)
+        mask = torch.zeros(B, T, dtype=torch.long, device=device)
+        mask[:, T // 4:] = 1
+        return ids, mask
+
+    def ours(ids, mask):
+        logp, _ = token_logprobs(model, ids, mask)
+        logp.sum().backward()
+
+    def naive(ids, mask):
+        logits = model(ids).logits.float()  # (B, T, V) fp32: what token_logprobs avoids
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        (lp * mask[:, 1:]).sum().backward()
+
+    def measure(fn, B, T):
+        """Seconds and peak memory above the resting state of one fwd+bwd on a (B, T) batch, after a small
+        warm-up. On CPU the freed heap is first handed back to the OS (malloc_trim), else the peak RSS would
+        hide allocations that reuse memory freed earlier."""
+        fn(*batch(1, 32))
+        model.zero_grad(set_to_none=True)
+        ids, mask = batch(B, T)
+        sync(device)
+        if device.type == "cpu":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = mem_gb(device, peak=False)
+        peak_mem_reset(device)
+        t = time.time()
+        fn(ids, mask)
+        sync(device)
+        dt = time.time() - t
+        model.zero_grad(set_to_none=True)
+        return dt, mem_gb(device, peak=True) - base
+
+    n_loss = int(batch(B, T)[1][:, 1:].sum())
+    res = {"B": B, "T": T, "loss_tokens": n_loss, "device": str(device), "dtype": str(next(model.parameters()).dtype)}
+    for name, fn in (("ours", ours), ("naive", naive)):
+        dt, peak = measure(fn, B, T)
+        res.update({f"{name}_s": dt, f"{name}_loss_tok_s": n_loss / dt, f"{name}_peak_gb": peak})
+    res["speedup"], res["mem_ratio"] = res["naive_s"] / res["ours_s"], res["naive_peak_gb"] / res["ours_peak_gb"]
+    # memory vs tokens per micro-batch (ours): should be linear; extrapolate the largest micro-batch that fits
+    sweep = []
+    for t_ in ((128, 256, 512) if a.quick else (256, 512, 1024, 2048)):
+        dt, peak = measure(ours, 4, t_)
+        sweep.append({"tokens": 4 * t_, "peak_gb": peak, "s": dt})
+    res["mem_sweep"] = sweep
+    x, y = [p["tokens"] for p in sweep], [p["peak_gb"] for p in sweep]
+    slope = (y[-1] - y[0]) / (x[-1] - x[0])  # GB per token
+    free = (torch.cuda.mem_get_info()[0] / 2**30 if device.type == "cuda" else
+            next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:")) / 2**20)
+    res.update(gb_per_1k_tokens=1000 * slope, free_gb=free, max_micro_batch_tokens_est=int(free / max(slope, 1e-12)))
+    # utilization: achieved model FLOP/s of `ours` over the measured matmul peak of the training dtype
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = train_flops(model.config, n_params, B, T, n_loss)
+    peak = matmul_peak(device, next(model.parameters()).dtype)
+    res.update(train_tflops=flops / res["ours_s"] / 1e12, matmul_peak_tflops=peak / 1e12,
+               mfu=flops / res["ours_s"] / peak)
+    return res
+
+
+def bench_spear_overhead(a):
+    """Step time of SPEAR vs Dr.BoT on ONE shared rollout batch (rollout timed once, identical for both):
+    the update phase (filters, advantages, Clip-Cov, buffer bookkeeping, fwd+bwd, optimizer) with no
+    replay, then SPEAR with a replay batch of R stored trajectories (the first R of the batch, cycled)."""
+    import copy
+    import train
+    from buffer import Sample
+    from rollout import ChatFormat
+    from envs import load_tasks
+    from model import load_model
+    P, G, steps, replays, turns = (2, 4, 1, (4, 8), 2) if a.quick else (4, 4, 2, (8, 16, 32), 3)
+    base = ["--env", "math", "--model", a.model, "--train_batch_size", str(P), "--n", str(G), "--steps", "100",
+            "--max_turns", str(turns)]
+    model, tok = load_model(a.model, dtype=torch.float32)
+    device = next(model.parameters()).device
+    fmt, tasks = ChatFormat(tok), load_tasks("math", "train")
+    init = copy.deepcopy(model.state_dict())
+    cfg = train.parse_args(base + ["--algo", "spear"])
+    gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "buffer", "loss"))}
+    t = time.time()
+    with torch.no_grad():
+        batch = train.rollout(model, tok, train.step_tasks(tasks, 1, P, 0), functools.partial(train.make_env, "math"),
+                              G, max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
+                              max_total_tokens=cfg.max_total_tokens, temperature=1.0, generator=gens["rollout"], fmt=fmt)
+    t_roll = time.time() - t
+    real_rollout = train.rollout
+    train.rollout = lambda *args, **kw: copy.deepcopy(batch)  # every step below trains on the same batch
+
+    def run(algo, n_replay):
+        cfg = train.parse_args(base + ["--algo", algo])
+        model.load_state_dict(init)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        buf = train.ReplayBuffer(cfg.trajectory_buffer_size)
+        replay = [Sample(tokens=t.tokens, loss_mask=t.loss_mask, old_logp=t.logprobs, reward=1.0, advantage=1.0)
+                  for t in (batch * 8)[:n_replay]]
+        buf.maybe_replay = lambda step, generator=None: copy.deepcopy(replay)
+        times = []
+        for step in range(1, steps + 1):
+            m, _ = train.train_step(step + 50, model, tok, fmt, opt, buf, tasks, cfg, gens, device)
+            times.append(m["step_s"])
+        return {"update_s": statistics.median(times), "trained_tokens": m.get("trained_tokens", 0),
+                "sil_trained_tokens": m.get("sil_trained_tokens", 0), "lambda_sil": m["lambda_sil"]}
+
+    try:
+        run("drbot", 0)  # warm-up (first-call allocations), not reported
+        res = {"P": P, "G": G, "rollout_s": t_roll, "sampled_tokens": sum(t.n_sampled for t in batch),
+               "drbot": run("drbot", 0), "spear": run("spear", 0)}
+        for r in replays:
+            res[f"spear_replay{r}"] = run("spear", r)
+    finally:
+        train.rollout = real_rollout
+    d = res["drbot"]["update_s"]
+    for k in [k for k in res if k.startswith("spear")]:
+        res[k]["update_ratio"] = res[k]["update_s"] / d
+        res[k]["step_ratio"] = (t_roll + res[k]["update_s"]) / (t_roll + d)
+    return res
+
+
+def bench_sandbox(a):
+    """`print(1)` executions/s and latency: one caller, then 4 concurrent callers (as rollout.py steps its
+    envs from a thread pool), each also next to a hostile neighbour that spins until its 1 s timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+    from sandbox import isolation_level, run_python
+    n = 100 if a.quick else 400
+    run_python("print(1)")  # start the pool
+
+    def one(_):
+        t0 = time.time()
+        r = run_python("print(1)")
+        assert r.status == "ok", r
+        return time.time() - t0
+
+    def measure(threads):
+        t = time.time()
+        with ThreadPoolExecutor(threads) as ex:
+            lat = sorted(ex.map(one, range(n)))
+        return {"exec_s": n / (time.time() - t), "p50_ms": 1000 * statistics.median(lat),
+                "p99_ms": 1000 * lat[int(0.99 * (n - 1))]}
+
+    res = {"isolation": isolation_level(), "quiet_1_caller": measure(1), "quiet_4_callers": measure(4)}
+    stop = threading.Event()
+
+    def hostile():  # a neighbour that spins until its timeout, over and over
+        while not stop.is_set():
+            run_python("while True: pass", timeout=1.0)
+
+    th = threading.Thread(target=hostile)
+    th.start()
+    try:
+        res["hostile_1_caller"], res["hostile_4_callers"] = measure(1), measure(4)
+    finally:
+        stop.set()
+        th.join()
+    return res
+
+
+def finished(run_dir: str, steps: int, algo: str) -> bool:
+    """A run that already reached `steps` with this algo (e.g. `python train.py --env math` is the SPEAR arm)."""
+    cfg, met = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "metrics.jsonl")
+    if not (os.path.exists(cfg) and os.path.exists(met)):
+        return False
+    c = json.load(open(cfg))
+    if (c["steps"], c["algo"]) != (steps, algo):
+        raise SystemExit(f"error: {run_dir} is a run with --steps {c['steps']} --algo {c['algo']}, not --steps {steps} "
+                         f"--algo {algo}; move it away or pass --steps {c['steps']}")
+    return any(json.loads(ln)["step"] == steps for ln in open(met) if ln.strip())
+
+
+def bench_learning(a):
+    """GRPO vs Dr.BoT vs SPEAR (and ablations) from the same model, seed, tasks, steps and rollouts, each
+    evaluated greedily on the same held-out tasks at step 0 and every `eval_every` steps. Each run is a
+    train.py run with --resume auto, so an interrupted comparison continues from its checkpoints."""
+    import train
+    from eval import compare
+    steps, every = (1, 1) if a.quick else (a.steps, a.eval_every)
+    small = ["--train_batch_size", "2", "--n", "2", "--eval_n", "4", "--max_turns", "2", "--max_turn_tokens", "48"]
+    variants = {"grpo": [], "drbot": [], "spear": []}
+    if a.ablations:
+        variants.update({"spear-no-toolcall": ["--use_toolcall_reward", "none"],
+                         "spear-no-sil": ["--use_replay", "false"]})
+    runs = []
+    for seed in a.seeds:
+        for name, extra in variants.items():
+            run = f"{a.env}-{name}-s{seed}" + ("-quick" if a.quick else "")  # train.py's default run names
+            run_dir, t = os.path.join("runs", run), time.time()
+            if finished(run_dir, steps, name.split("-")[0]):
+                print(f"[bench] {run_dir}: finished before, reused", flush=True)
+            else:
+                train.main(["--env", a.env, "--model", a.model, "--algo", name.split("-")[0], "--seed", str(seed),
+                            "--steps", str(steps), "--eval_every", str(every), "--ckpt_every", str(every),
+                            "--run_name", run, "--resume", "auto", *(small if a.quick else []), *extra])
+                print(f"[bench] {run_dir}: {time.time() - t:.0f}s", flush=True)
+            runs.append(run_dir)
+    out = os.path.join("results", f"learning_{a.env}" + ("_quick" if a.quick else ""))
+    print(compare(runs, out))
+    return {"runs": runs, "steps": steps, "eval_every": every, "table": out + ".md"}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=["rollout", "train", "spear-overhead", "sandbox", "learning"])
+    p.add_argument("--env", default="math", help="learning: the env to compare on")
+    p.add_argument("--steps", type=int, default=14, help="learning: steps per run (train.py's default)")
+    p.add_argument("--eval_every", type=int, default=7, help="learning: held-out eval interval")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0], help="learning: e.g. 0,1")
+    p.add_argument("--ablations", action="store_true", help="learning: also SPEAR without tool-call reward / SIL")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", default="smollm2-135m")
+    a = p.parse_args()
+    res = {"bench": a.name, "quick": a.quick, "machine": machine(), **globals()[f"bench_{a.name.replace('-', '_')}"](a)}
+    print(json.dumps(res, indent=1))
+    os.makedirs("results", exist_ok=True)
+    with open("results/bench.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
