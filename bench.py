@@ -36,14 +36,15 @@ def machine() -> str:
 def naive_rollout(model, tok, tasks, env_name, max_turns, max_turn_tokens):
     """The baseline a naive loop would write: every turn, model.generate on the whole conversation so far
     of every row (left-padded batch, greedy), re-prefilling everything. Observations use the same token
-    format. `tasks` has one entry per row (a task repeated G times for a group)."""
+    format. `tasks` has one entry per row (a task repeated G times for a group). Returns the sampled
+    tokens of each row and the number of decode steps (generate runs every turn to its longest row)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     from envs import make_env
     from rollout import ChatFormat
     fmt = ChatFormat(tok)
     envs = [make_env(env_name) for _ in tasks]
     ctx = [fmt.prompt(e.reset(t)) for e, t in zip(envs, tasks)]
-    live, out_tokens = list(range(len(tasks))), [[] for _ in tasks]
+    live, out_tokens, steps = list(range(len(tasks))), [[] for _ in tasks], 0
 
     class EnvStop(StoppingCriteria):
         def __init__(self, rows, start):
@@ -62,6 +63,7 @@ def naive_rollout(model, tok, tasks, env_name, max_turns, max_turn_tokens):
         gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_turn_tokens, do_sample=False,
                              eos_token_id=sorted(fmt.eos_ids), pad_token_id=tok.pad_token_id,
                              stopping_criteria=StoppingCriteriaList([EnvStop(live, n)]))[:, n:]
+        steps += gen.shape[1]
         nxt = []
         for j, r in enumerate(live):
             turn = gen[j].tolist()
@@ -78,24 +80,42 @@ def naive_rollout(model, tok, tasks, env_name, max_turns, max_turn_tokens):
                 ctx[r] += fmt.observation(obs, ended_eos)
                 nxt.append(r)
         live = nxt
-    return out_tokens
+    return out_tokens, steps
 
 
 def bench_rollout(a):
+    """Our sampler vs `naive_rollout`, greedy, on an RL batch; also where our time goes (the profile):
+    cached forwards of one decode column vs prefill (prompts, observations) vs the rest (sampling,
+    per-token Python, env steps in the sandbox)."""
+    import rollout as R
     from envs import load_tasks, make_env
     from model import load_model
-    from rollout import rollout
     model, tok = load_model(a.model)
     n, G, turns, cap = (4, 2, 2, 64) if a.quick else (8, 4, 3, 128)  # an RL batch: n tasks x G rollouts
     tasks = load_tasks("math", "test", n=n)
-    res = {}
+    res, spent, real_forward = {}, {"decode_s": 0.0, "decode_steps": 0, "prefill_s": 0.0}, R._forward
+
+    def timed_forward(model, ids, attn, pos, cache):
+        t0 = time.time()
+        out = real_forward(model, ids, attn, pos, cache)
+        spent["decode_s" if ids.shape[1] == 1 else "prefill_s"] += time.time() - t0
+        spent["decode_steps"] += ids.shape[1] == 1
+        return out
+
+    R._forward = timed_forward
     t = time.time()
-    ours = rollout(model, tok, tasks, functools.partial(make_env, "math"), G, max_turns=turns, max_turn_tokens=cap,
-                   max_total_tokens=4096, temperature=0.0)
+    try:
+        ours = R.rollout(model, tok, tasks, functools.partial(make_env, "math"), G, max_turns=turns,
+                         max_turn_tokens=cap, max_total_tokens=4096, temperature=0.0)
+    finally:
+        R._forward = real_forward
     res["ours_s"] = time.time() - t
+    res["ours_profile"] = {**spent, "other_s": res["ours_s"] - spent["decode_s"] - spent["prefill_s"],
+                           "decode_ms_per_step": 1000 * spent["decode_s"] / max(spent["decode_steps"], 1)}
     t = time.time()
     with torch.no_grad():
-        naive = naive_rollout(model, tok, [x for x in tasks for _ in range(G)], "math", turns, cap)
+        naive, res["naive_decode_steps"] = naive_rollout(model, tok, [x for x in tasks for _ in range(G)], "math",
+                                                         turns, cap)
     res["naive_s"] = time.time() - t
     ours_tok = [[x for x, m in zip(o.tokens, o.loss_mask) if m] for o in ours]
     n_tok = sum(len(x) for x in ours_tok)

@@ -11,6 +11,11 @@ ignores (and the next save removes). Old checkpoints are pruned only after the n
 Non-finite weights are never saved. A failed write (disk full, I/O error) removes its temp dir and
 raises StorageError naming the cause and the intact previous checkpoint.
 
+Under FSDP (--fsdp) every rank calls save_checkpoint: the weights are gathered to rank 0 and written
+with save_pretrained, the optimizer shards by every rank with torch.distributed.checkpoint into optim/
+(distributed.py); rank 0 writes everything else. Loading re-shards for any world size, with or without
+FSDP, and an FSDP run can also continue a checkpoint saved without it.
+
 Test hook: SPEAR_TEST_CRASH=<point>@<step> SIGKILLs the process at a named point (`crash_point`), so the
 crash-safety tests can kill a real trainer deterministically (tests/test_hardening.py).
 """
@@ -27,6 +32,7 @@ import signal
 import numpy as np
 import torch
 
+import distributed
 from model import save_model
 
 MARKER = "COMMITTED"
@@ -134,24 +140,46 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict, config: dict, keep: int,
-                    extra: dict | None = None) -> str:
+                    extra: dict | None = None, policy=None) -> str:
+    """Write runs/<name>/checkpoints/step_N atomically. `policy`: the FSDP-wrapped trainer module, when
+    every rank calls this (FSDP); otherwise only rank 0 calls it."""
+    fsdp = policy is not None
+    rank0 = distributed.rank() == 0
+    weights = distributed.full_state_dict(policy) if fsdp else None  # collective; rank 0 holds them, on CPU
     prev = latest_checkpoint(run_dir) or "none"
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise StorageError(f"refusing to save non-finite weights at step {step}; the last checkpoint ({prev}) is "
-                           f"intact. Fix: lower --lr or check the data, then rerun with --resume auto.")
     d = os.path.join(run_dir, "checkpoints")
     final = os.path.join(d, f"step_{step}")
     tmp = os.path.join(d, f".tmp-step_{step}")
+    need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights + Adam moments
+    err = None
+    if rank0:
+        try:
+            if not all(torch.isfinite(p).all() for p in (weights.values() if fsdp else model.parameters())):
+                raise StorageError(f"refusing to save non-finite weights at step {step}; the last checkpoint "
+                                   f"({prev}) is intact. Fix: lower --lr or check the data, then rerun with "
+                                   f"--resume auto.")
+            os.makedirs(d, exist_ok=True)
+            for name in os.listdir(d):  # leftovers of a crashed save
+                if name.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+            save_model(model, tok, tmp, state_dict=weights)
+            crash_point("save_after_weights", step)
+        except Exception as e:
+            err = e
+    if fsdp:  # every rank learns rank 0's outcome before the collective optimizer save
+        err = distributed.broadcast(None if err is None else StorageError(_failed(err, step, d, need, prev)))
+        if err is None:
+            distributed.save_optimizer(policy, opt, os.path.join(tmp, "optim"))
+        distributed.barrier()
     try:
-        os.makedirs(d, exist_ok=True)
-        for name in os.listdir(d):  # leftovers of a crashed save
-            if name.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(d, name), ignore_errors=True)
-        save_model(model, tok, tmp)
-        crash_point("save_after_weights", step)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gens),
-                    "buffer": buffer.state_dict(), "config": config, **(extra or {})},
-                   os.path.join(tmp, "trainer_state.pt"))
+        if err is not None:
+            raise err
+        if not rank0:
+            return final
+        state = {"step": step, "rng": rng_state(gens), "buffer": buffer.state_dict(), "config": config, **(extra or {})}
+        if not fsdp:
+            state["optimizer"] = opt.state_dict()
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         _fsync_tree(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(str(step))
@@ -159,10 +187,7 @@ def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict
             os.fsync(f.fileno())
     except Exception as e:  # disk full surfaces as OSError, SafetensorError or RuntimeError: all end here
         shutil.rmtree(tmp, ignore_errors=True)
-        need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights + Adam moments
-        raise StorageError(f"cannot write checkpoint step_{step} in {d}: {_why(e, d, need)}; the previous "
-                           f"checkpoint ({prev}) is intact. Fix: free disk space (or pass --out_dir on a larger "
-                           f"disk), then rerun with --resume auto.") from e
+        raise StorageError(_failed(e, step, d, need, prev)) from e
     crash_point("save_before_rename", step)
     if os.path.exists(final):  # re-saving a step (e.g. after a resume): set the old one aside, then swap
         os.rename(final, os.path.join(d, f".tmp-old-step_{step}"))
@@ -174,13 +199,26 @@ def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict
     return final
 
 
-def load_checkpoint(path: str, opt, buffer, gens: dict) -> dict:
-    """Restore optimizer, buffer and RNG states (the weights are loaded as --model from `path`)."""
+def _failed(e: BaseException, step: int, d: str, need: int, prev: str) -> str:
+    if isinstance(e, StorageError):
+        return str(e)
+    return (f"cannot write checkpoint step_{step} in {d}: {_why(e, d, need)}; the previous checkpoint ({prev}) "
+            f"is intact. Fix: free disk space (or pass --out_dir on a larger disk), then rerun with --resume auto.")
+
+
+def load_checkpoint(path: str, opt, buffer, gens: dict, policy=None) -> dict:
+    """Restore optimizer, buffer and RNG states (the weights are loaded as --model from `path`). `policy`:
+    the trainer module (LogProbs, FSDP-wrapped or not); every rank calls this."""
     if not os.path.exists(os.path.join(path, MARKER)):
         raise FileNotFoundError(f"{path} is not a committed checkpoint (no {MARKER} marker). "
                                 f"Fix: pass a complete checkpoint dir, or --resume auto to pick the newest one.")
     s = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    opt.load_state_dict(s["optimizer"])
+    if os.path.isdir(os.path.join(path, "optim")):  # saved under FSDP: re-shard for this run
+        distributed.load_optimizer(policy, opt, os.path.join(path, "optim"))
+    elif policy is not None and distributed.is_fsdp(policy):  # saved whole, continued under FSDP
+        distributed.load_full_optimizer(policy, opt, s["optimizer"])
+    else:
+        opt.load_state_dict(s["optimizer"])
     buffer.load_state_dict(s["buffer"])
     set_rng_state(s["rng"], gens)
     return s

@@ -1,4 +1,5 @@
-"""Data-parallel training on PyTorch's own engine: `torchrun --nproc_per_node N train.py ...` (DDP).
+"""Data-parallel training on PyTorch's own engine: `torchrun --nproc_per_node N train.py ...` (DDP), or
+with `--fsdp` FSDP2 (`fully_shard`: parameters, gradients and Adam state sharded over the ranks).
 
 What is split and what is not, so that results do not depend on the world size:
   * rollouts: rank r rolls out a contiguous share of the step's P tasks (whole groups stay on one rank);
@@ -8,12 +9,19 @@ What is split and what is not, so that results do not depend on the world size:
     the replay buffer and its baseline, metrics) runs on the all-gathered trajectories, identically on
     every rank; so the buffer is the same everywhere and the replay draw uses the same RNG state;
   * forward/backward: rank r trains a contiguous share of the sequences, with the loss normalizers of
-    the whole mini-batch; DDP averages gradients, so each rank scales its loss by the world size and
-    the summed gradient is the single-process one. Gradients accumulate locally (`no_sync`) and are
-    all-reduced once per step by a zero-loss pass (`sync_grads`), so ranks with different numbers of
-    micro-batches never wait on each other's collectives;
+    the whole mini-batch; DDP and FSDP average gradients, so each rank scales its loss by the world size
+    and the summed gradient is the single-process one. DDP: gradients accumulate locally (`no_sync`)
+    and are all-reduced once per step by a zero-loss pass (`idle_pass`), so ranks with different
+    numbers of micro-batches never wait on each other. FSDP: every forward all-gathers and every
+    backward reduce-scatters, so each rank runs the same number of micro-batches, padding with
+    zero-loss passes (`micro_batch_count`);
+  * FSDP rollouts and evals run on gathered weights (`full_weights`): all layers unsharded once, so a
+    rank decodes as many tokens as its own rows need without any collective;
   * rank 0 evaluates, logs and checkpoints; trainer state is identical on every rank, so a checkpoint
-    resumes under any world size.
+    resumes under any world size. FSDP checkpoints: the weights gathered to rank 0 and written with
+    save_pretrained (the export, and a valid --model), the sharded Adam state with
+    torch.distributed.checkpoint by every rank (re-sharded on load for any world size; multi-node
+    needs a shared file system for the run directory).
 CPU uses the gloo backend (that is how it is tested), CUDA uses NCCL with one GPU per local rank.
 Clip-Cov / KL-Cov select tokens per micro-batch (as verl does), so with those loss modes a different
 micro-batch partition, and hence a different world size, selects differently; vanilla is exact.
@@ -25,6 +33,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def init(device: torch.device | None) -> tuple[int, int, torch.device | None]:
@@ -71,25 +80,136 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(policy: torch.nn.Module) -> torch.nn.Module:
-    """DDP around the module whose forward the trainer runs (model.LogProbs). Buffers (rotary tables)
-    are identical on every rank, so they are not broadcast: a forward then runs no collective."""
+def broadcast(obj):
+    """Rank 0's object on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap(policy: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
+    """DDP, or FSDP2 with --fsdp, around the module whose forward the trainer runs (model.LogProbs).
+
+    DDP: buffers (rotary tables) are identical on every rank, so they are not broadcast and a forward
+    runs no collective. FSDP: each decoder layer is one shard group, the root (LogProbs: embeddings,
+    final norm, LM head) another; one zero-loss pass through the root settles FSDP's lazy init with
+    LogProbs as the root (a rollout would otherwise run a layer first). Build the optimizer after this."""
     if world() == 1:
         return policy
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(policy, broadcast_buffers=False)
+    if not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(policy, broadcast_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+    for layer in policy.model.model.layers:
+        fully_shard(layer)
+    fully_shard(policy)
+    with torch.no_grad():
+        idle_pass(policy, next(policy.parameters()).device, backward=False)
+    policy.reshard()  # the root keeps its weights gathered after a forward: register the shards again,
+    return policy     # which the optimizer must hold
+
+
+def is_fsdp(policy) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(policy, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_weights(policy):
+    """Run the plain model on whole weights (rollout, eval): FSDP gathers every shard group once and keeps
+    it gathered until the block ends, so forwards run no collective; a no-op without FSDP. Every rank
+    must enter it (the gather is collective); inside, ranks may run different numbers of forwards."""
+    if not is_fsdp(policy):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    groups = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    policy.set_reshard_after_forward(False)
+    for m in groups:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+        policy.set_reshard_after_forward(True)  # layers: free the gathered weights after each forward;
+        policy.set_reshard_after_forward(False, recurse=False)  # the root keeps its own for the backward
 
 
 def no_sync(policy):
-    """Accumulate gradients locally (DDP), or do nothing (one process)."""
+    """Accumulate gradients locally (DDP), or do nothing (one process; FSDP reduce-scatters each backward)."""
     return policy.no_sync() if hasattr(policy, "no_sync") else contextlib.nullcontext()
 
 
-def sync_grads(policy, device) -> None:
-    """All-reduce (average) the gradients accumulated under no_sync: one zero-loss forward/backward
-    through DDP, which every rank runs exactly once per step."""
-    if world() == 1:
-        return
+def micro_batch_count(policy, n: int, device) -> int:
+    """How many micro-batches this rank runs: its own n, or under FSDP the largest n of any rank (the
+    others pad with `idle_pass`), since FSDP's per-layer collectives must pair up across ranks."""
+    if not is_fsdp(policy):
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def idle_pass(policy, device, backward: bool = True) -> None:
+    """A zero-loss forward (and backward) through the whole model: it joins the collectives of a real
+    micro-batch and adds zero to every gradient."""
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     logp, _ = policy(ids, torch.tensor([[0, 1]], device=device))
-    (logp.sum() * 0.0).backward()
+    if backward:
+        (logp.sum() * 0.0).backward()
+
+
+def sync_grads(policy, device) -> None:
+    """DDP: all-reduce (average) the gradients accumulated under no_sync with one `idle_pass`, which every
+    rank runs exactly once per step. One process and FSDP: nothing to do."""
+    if world() > 1 and not is_fsdp(policy):
+        idle_pass(policy, device)
+
+
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded (DTensor) gradients: the global norm."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def full_state_dict(policy) -> dict:
+    """FSDP: the whole model's weights under HF names, gathered to rank 0 on CPU ({} on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = {n for n, _ in policy.named_parameters(remove_duplicate=False)} - {n for n, _ in policy.named_parameters()}
+    return {k.removeprefix("model."): v for k, v in sd.items() if k not in tied}  # a tied lm_head is not saved
+
+
+def save_optimizer(policy, opt, path: str) -> None:
+    """FSDP: every rank writes its shard of the optimizer state with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    dcp.save({"optim": get_optimizer_state_dict(policy, opt)}, checkpoint_id=path)
+
+
+def load_optimizer(policy, opt, path: str) -> None:
+    """Load a `save_optimizer` checkpoint for any world size (DCP re-shards), with or without FSDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optim": get_optimizer_state_dict(policy, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(policy, opt, state["optim"])
+
+
+def load_full_optimizer(policy, opt, state: dict) -> None:
+    """Load a whole optimizer state_dict (saved without FSDP: keyed by parameter index) into an FSDP run,
+    sharding it: the index keys become the parameter names both layouts share."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = [n for n, _ in policy.named_parameters()]  # the order opt was built in (model.parameters())
+    named = {"state": {names[i]: v for i, v in state["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(policy, opt, named, options=StateDictOptions(full_state_dict=True))

@@ -176,9 +176,10 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def save_model(model, tok, path: str) -> None:
-    """HF save_pretrained weights + tokenizer: the directory is itself a valid --model."""
-    model.save_pretrained(path, safe_serialization=True)
+def save_model(model, tok, path: str, state_dict: dict | None = None) -> None:
+    """HF save_pretrained weights (the model's own, or `state_dict`, e.g. FSDP's gathered weights) +
+    tokenizer: the directory is itself a valid --model."""
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(path)
 
 

@@ -2,7 +2,8 @@
 
     python train.py --env math                          # SPEAR on the bundled SmolLM2-135M, CPU
     python train.py --env math --model Qwen2.5-1.5B     # the paper's model, GPU (sizes: README)
-    torchrun --nproc_per_node 4 train.py --env math --model Qwen2.5-7B   # data parallel (distributed.py)
+    torchrun --nproc_per_node 4 train.py --env math --model Qwen2.5-1.5B  # data parallel, DDP (distributed.py)
+    torchrun --nproc_per_node 8 train.py --env math --model Qwen2.5-7B --fsdp true   # sharded, FSDP2
 
 One step (DESIGN §2): sample P tasks -> roll out P x G episodes -> shaped reward R = outcome + w(s) b
 -> response filters -> std group filter -> advantages -> maybe replay (SPEAR) -> one optimizer step on
@@ -94,6 +95,7 @@ class Config:
     keep_ckpts: int = 2
     resume: str = "none"  # none | auto | path to a checkpoint dir
     device: str | None = None
+    fsdp: bool = False  # under torchrun: FSDP2 (shard weights, grads, Adam state) instead of DDP
     samples_per_step: int = 2
     sandbox: str = "default"  # math: default (run with the isolation layers this machine has) | strict
 
@@ -222,11 +224,14 @@ def loss_terms(policy, seqs: list[dict], cfg: Config, coef: float, replay: bool,
         kw.update(cov_ratio=cfg.kl_cov_ratio, kl_cov_coef=cfg.kl_cov_coef)
     work = [i for i, s in enumerate(seqs) if s["advantage"] != 0 or cfg.entropy_coeff]
     n_work, work = len(work), distributed.shard(work)  # this rank's share (all of it in one process)
+    batches = pack_micro_batches([len(seqs[i]["tokens"]) for i in work], cfg.micro_token_budget)
+    for _ in range(distributed.micro_batch_count(policy, len(batches), device) - len(batches)):
+        distributed.idle_pass(policy, device)  # FSDP: pair up with the ranks that have more micro-batches
     sums: dict[str, float] = {}
     ext: dict[str, float] = {}
     total_loss, trained_tokens = 0.0, 0.0
     old_logps: dict[int, list[float]] = {}
-    for mb in pack_micro_batches([len(seqs[i]["tokens"]) for i in work], cfg.micro_token_budget):
+    for mb in batches:
         mb = [work[j] for j in mb]
         T = max(len(seqs[i]["tokens"]) for i in mb)
         pad = lambda key, fill: torch.tensor([seqs[i][key] + [fill] * (T - len(seqs[i][key])) for i in mb], device=device)
@@ -239,9 +244,8 @@ def loss_terms(policy, seqs: list[dict], cfg: Config, coef: float, replay: bool,
         if cfg.entropy_coeff:
             loss = loss - cfg.entropy_coeff * agg_loss(ent, mask, cfg.loss_agg_mode, kw["max_len"],
                                                        global_tokens=kw["global_tokens"], global_seqs=len(seqs))
-        if torch.isfinite(loss):
-            with distributed.no_sync(policy):  # DDP averages over ranks: scale so the sum is the gradient
-                (coef * distributed.world() * loss).backward()
+        with distributed.no_sync(policy):  # DDP/FSDP average over ranks: scale so the sum is the gradient
+            (coef * distributed.world() * loss).backward()  # non-finite: the step is skipped below
         n_tok = float(mask.sum())
         total_loss += float(loss.detach())
         trained_tokens += n_tok
@@ -272,14 +276,14 @@ def shape_rewards(trajs, w: float) -> None:
 
 
 def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens, device, policy=None) -> dict:
-    """One step of DESIGN §2. `policy` is the (DDP-wrapped, under torchrun) LogProbs(model)."""
+    """One step of DESIGN §2. `policy` is the (DDP/FSDP-wrapped, under torchrun) LogProbs(model)."""
     t0 = time.time()
     policy = policy or LogProbs(model)
     env_fn = functools.partial(make_env, cfg.env)
     # 1-2. tasks and rollouts (under torchrun: this rank's share, then everyone gets the whole batch)
     model.eval()
     mine = distributed.shard(step_tasks(tasks, step, cfg.train_batch_size, cfg.seed))
-    with autocast(device):
+    with autocast(device), distributed.full_weights(policy):
         trajs = rollout(model, tok, mine, env_fn, cfg.n, max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                         max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         generator=gens["rollout"], fmt=fmt, group_offset=distributed.rank() * len(mine))
@@ -317,8 +321,8 @@ def train_step(step: int, model, tok, fmt, opt, buffer, tasks, cfg: Config, gens
         sil = [dict(tokens=s.tokens, loss_mask=s.loss_mask, old_logp=s.old_logp, advantage=s.advantage) for s in replay]
         m_sil, _ = loss_terms(policy, sil, cfg, lam, True, gens["loss"], device)
     distributed.sync_grads(policy, device)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if grads else 0.0
+    grads = any(p.grad is not None for p in model.parameters())
+    gnorm = distributed.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     finite = math.isfinite(gnorm) and all(math.isfinite(m.get("loss", 0.0)) for m in (m_on, m_sil))
     if finite and grads:
         opt.step()
@@ -417,7 +421,8 @@ def main(argv=None) -> str:
         raise SystemExit("error: " + str(e).replace("\n", " ")) from None
     distributed.barrier()
     device = next(model.parameters()).device
-    policy = distributed.wrap(LogProbs(model))
+    policy = distributed.wrap(LogProbs(model), fsdp=cfg.fsdp)
+    fsdp = distributed.is_fsdp(policy)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     buffer = ReplayBuffer(cfg.trajectory_buffer_size, cfg.trajectory_tolerate_steps, cfg.baseline_buffer_size,
                           cfg.weight_decay_trajectory_replay)
@@ -425,7 +430,7 @@ def main(argv=None) -> str:
             for i, k in enumerate(("rollout", "buffer", "loss"))}
     start, nonfinite, skipped = 1, 0, 0  # nonfinite: skipped steps in a row; skipped: in total
     if ckpt:
-        state = load_checkpoint(ckpt, opt, buffer, gens)
+        state = load_checkpoint(ckpt, opt, buffer, gens, policy)
         start, nonfinite, skipped = state["step"] + 1, state["nonfinite"], state.get("skipped", 0)
         print(f"[spear] resumed from {ckpt} at step {start}", flush=True)
     if rank > 0:  # rank 0 evaluates, logs and checkpoints; the others write nothing
@@ -436,10 +441,11 @@ def main(argv=None) -> str:
         metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         samples_f = open(os.path.join(run_dir, "samples.jsonl"), "a")
     if start == 1 and cfg.eval_every > 0:
-        if rank == 0:
-            metrics_f.write(json.dumps({"step": 0, **held_out_eval(model, tok, cfg, test_tasks)}) + "\n")
-            metrics_f.flush()
-        distributed.barrier()
+        with distributed.full_weights(policy):
+            if rank == 0:
+                metrics_f.write(json.dumps({"step": 0, **held_out_eval(model, tok, cfg, test_tasks)}) + "\n")
+                metrics_f.flush()
+            distributed.barrier()
     bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.run_name, dynamic_ncols=True,
                disable=rank > 0)
     for step in bar:
@@ -447,9 +453,10 @@ def main(argv=None) -> str:
         nonfinite, skipped = (nonfinite + 1, skipped + 1) if m["skipped"] else (0, skipped)
         m["skipped_total"] = skipped
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-            if rank == 0:
-                m.update(held_out_eval(model, tok, cfg, test_tasks))
-            distributed.barrier()
+            with distributed.full_weights(policy):
+                if rank == 0:
+                    m.update(held_out_eval(model, tok, cfg, test_tasks))
+                distributed.barrier()
         m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # valid JSON
         metrics_f.write(json.dumps(m) + "\n")
         metrics_f.flush()
@@ -464,10 +471,10 @@ def main(argv=None) -> str:
         samples_f.flush()
         bar.set_postfix(R=f"{m['reward']:.2f}", succ=f"{m['success']:.2f}", ent=f"{m.get('entropy') or 0:.2f}",
                         tools=f"{m['tool_calls']:.2f}", s_step=f"{m['step_s']:.1f}")
-        if (step % cfg.ckpt_every == 0 or step == cfg.steps) and rank == 0:
+        if (step % cfg.ckpt_every == 0 or step == cfg.steps) and (rank == 0 or fsdp):  # FSDP: all ranks
             try:
                 save_checkpoint(run_dir, step, model, tok, opt, buffer, gens, asdict(cfg), cfg.keep_ckpts,
-                                extra={"nonfinite": nonfinite, "skipped": skipped})
+                                extra={"nonfinite": nonfinite, "skipped": skipped}, policy=policy if fsdp else None)
             except StorageError as e:
                 raise SystemExit(f"error: {e}") from None
         distributed.barrier()
