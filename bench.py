@@ -238,7 +238,9 @@ def bench_train(a):
 def bench_spear_overhead(a):
     """Step time of SPEAR vs Dr.BoT on ONE shared rollout batch (rollout timed once, identical for both):
     the update phase (filters, advantages, Clip-Cov, buffer bookkeeping, fwd+bwd, optimizer) with no
-    replay, then SPEAR with a replay batch of R stored trajectories (the first R of the batch, cycled)."""
+    replay, then SPEAR with a replay batch of R stored trajectories (the first R of the batch, cycled).
+    Equal work: outcomes alternate win/loss within each group and the group/response filters are off,
+    so both algorithms train all P*G sequences (a time benchmark: which ones win does not matter)."""
     import copy
     import train
     from buffer import Sample
@@ -247,7 +249,7 @@ def bench_spear_overhead(a):
     from model import load_model
     P, G, steps, replays, turns = (2, 4, 1, (4, 8), 2) if a.quick else (4, 4, 2, (8, 16, 32), 3)
     base = ["--env", "math", "--model", a.model, "--train_batch_size", str(P), "--n", str(G), "--steps", "100",
-            "--max_turns", str(turns)]
+            "--max_turns", str(turns), "--rollout_filter_ratio", "1.0", "--response_filters", "none"]
     model, tok = load_model(a.model, dtype=torch.float32)
     device = next(model.parameters()).device
     fmt, tasks = ChatFormat(tok), load_tasks("math", "train")
@@ -260,6 +262,8 @@ def bench_spear_overhead(a):
                               G, max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                               max_total_tokens=cfg.max_total_tokens, temperature=1.0, generator=gens["rollout"], fmt=fmt)
     t_roll = time.time() - t
+    for i, traj in enumerate(batch):  # half of each group wins, so every sequence has A != 0 in both algos
+        traj.outcome = 1.0 if i % 2 else -1.0
     real_rollout = train.rollout
     train.rollout = lambda *args, **kw: copy.deepcopy(batch)  # every step below trains on the same batch
 

@@ -184,10 +184,10 @@ def _fill_disk_at_step_2(monkeypatch, where, snapshot):
                 raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    def save_model(model, tok, path):
+    def save_model(model, tok, path, **kw):
         if where == "weights":
             fail(path)
-        real_save_model(model, tok, path)
+        real_save_model(model, tok, path, **kw)
 
     def torch_save(obj, f, *a, **k):
         if where == "state":
