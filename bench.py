@@ -377,9 +377,13 @@ def bench_learning(a):
     return {"runs": runs, "steps": steps, "eval_every": every, "table": out + ".md"}
 
 
+BENCHES = {"rollout": bench_rollout, "train": bench_train, "spear-overhead": bench_spear_overhead,
+           "sandbox": bench_sandbox, "learning": bench_learning}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=["rollout", "train", "spear-overhead", "sandbox", "learning"])
+    p.add_argument("name", choices=list(BENCHES))
     p.add_argument("--env", default="math", help="learning: the env to compare on")
     p.add_argument("--steps", type=int, default=14, help="learning: steps per run (train.py's default)")
     p.add_argument("--eval_every", type=int, default=7, help="learning: held-out eval interval")
@@ -388,7 +392,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", default="smollm2-135m")
     a = p.parse_args()
-    res = {"bench": a.name, "quick": a.quick, "machine": machine(), **globals()[f"bench_{a.name.replace('-', '_')}"](a)}
+    res = {"bench": a.name, "quick": a.quick, "machine": machine(), **BENCHES[a.name](a)}
     print(json.dumps(res, indent=1))
     os.makedirs("results", exist_ok=True)
     with open("results/bench.jsonl", "a") as f:

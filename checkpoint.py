@@ -150,7 +150,6 @@ def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict
     d = os.path.join(run_dir, "checkpoints")
     final = os.path.join(d, f"step_{step}")
     tmp = os.path.join(d, f".tmp-step_{step}")
-    need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights + Adam moments
     err = None
     if rank0:
         try:
@@ -167,7 +166,7 @@ def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict
         except Exception as e:
             err = e
     if fsdp:  # every rank learns rank 0's outcome before the collective optimizer save
-        err = distributed.broadcast(None if err is None else StorageError(_failed(err, step, d, need, prev)))
+        err = distributed.broadcast(None if err is None else StorageError(_failed(err, step, d, model, prev)))
         if err is None:
             distributed.save_optimizer(policy, opt, os.path.join(tmp, "optim"))
         distributed.barrier()
@@ -187,7 +186,7 @@ def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict
             os.fsync(f.fileno())
     except Exception as e:  # disk full surfaces as OSError, SafetensorError or RuntimeError: all end here
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StorageError(_failed(e, step, d, need, prev)) from e
+        raise StorageError(_failed(e, step, d, model, prev)) from e
     crash_point("save_before_rename", step)
     if os.path.exists(final):  # re-saving a step (e.g. after a resume): set the old one aside, then swap
         os.rename(final, os.path.join(d, f".tmp-old-step_{step}"))
@@ -199,9 +198,11 @@ def save_checkpoint(run_dir: str, step: int, model, tok, opt, buffer, gens: dict
     return final
 
 
-def _failed(e: BaseException, step: int, d: str, need: int, prev: str) -> str:
+def _failed(e: BaseException, step: int, d: str, model, prev: str) -> str:
+    """The StorageError message of a failed save of step_<step> in d (one line, with the fix)."""
     if isinstance(e, StorageError):
         return str(e)
+    need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights + Adam moments
     return (f"cannot write checkpoint step_{step} in {d}: {_why(e, d, need)}; the previous checkpoint ({prev}) "
             f"is intact. Fix: free disk space (or pass --out_dir on a larger disk), then rerun with --resume auto.")
 

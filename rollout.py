@@ -20,7 +20,6 @@ memory budget, so thousands of trajectories never need one giant cache.
 from __future__ import annotations
 
 import hashlib
-
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field

@@ -368,11 +368,19 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def held_out_eval(model, tok, cfg: Config, test_tasks) -> dict:
+def held_out_eval(model, tok, cfg: Config, test_tasks, policy) -> dict:
+    """Greedy held-out metrics, evaluated by rank 0 on whole weights ({} on the other ranks). Every rank
+    calls it: under FSDP gathering the weights is collective."""
     from eval import evaluate
     model.eval()
-    r = evaluate(model, tok, cfg.env, test_tasks, k=0, max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                 max_total_tokens=cfg.max_total_tokens)
+    r = None
+    with distributed.full_weights(policy):
+        if distributed.rank() == 0:
+            r = evaluate(model, tok, cfg.env, test_tasks, k=0, max_turns=cfg.max_turns,
+                         max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
+        distributed.barrier()
+    if r is None:
+        return {}
     g = r["greedy"]
     return {"eval_pass@1": r["pass@1"], "eval_tool_calls": g["tool_calls"], "eval_tool_use_rate": g["tool_use_rate"],
             "eval_turns": g["turns"], "eval_s": r["greedy_seconds"]}
@@ -441,11 +449,8 @@ def main(argv=None) -> str:
         metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         samples_f = open(os.path.join(run_dir, "samples.jsonl"), "a")
     if start == 1 and cfg.eval_every > 0:
-        with distributed.full_weights(policy):
-            if rank == 0:
-                metrics_f.write(json.dumps({"step": 0, **held_out_eval(model, tok, cfg, test_tasks)}) + "\n")
-                metrics_f.flush()
-            distributed.barrier()
+        metrics_f.write(json.dumps({"step": 0, **held_out_eval(model, tok, cfg, test_tasks, policy)}) + "\n")
+        metrics_f.flush()
     bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc=cfg.run_name, dynamic_ncols=True,
                disable=rank > 0)
     for step in bar:
@@ -453,10 +458,7 @@ def main(argv=None) -> str:
         nonfinite, skipped = (nonfinite + 1, skipped + 1) if m["skipped"] else (0, skipped)
         m["skipped_total"] = skipped
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-            with distributed.full_weights(policy):
-                if rank == 0:
-                    m.update(held_out_eval(model, tok, cfg, test_tasks))
-                distributed.barrier()
+            m.update(held_out_eval(model, tok, cfg, test_tasks, policy))
         m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # valid JSON
         metrics_f.write(json.dumps(m) + "\n")
         metrics_f.flush()

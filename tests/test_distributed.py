@@ -23,7 +23,7 @@ RANK_ENV = {**ENV, "SPEAR_TEST_THREADS": "1"}  # 2 ranks x 1 thread on this 2-co
 # FSDP must pad with idle passes
 ARGS = TOY + ["--lr", "0.002", "--algo", "spear", "--loss_mode", "vanilla", "--trajectory_buffer_size", "2",
               "--ckpt_every", "2", "--max_toolcall_steps", "4", "--max_replay_loss_steps", "4",
-              "--micro_token_budget", "64"]
+              "--micro_token_budget", "64", "--eval_every", "2", "--eval_n", "4"]  # rank 0 evals on gathered weights
 
 
 def _torchrun(args, nproc=2):
@@ -55,7 +55,8 @@ def one(tmp_path_factory):
                         "--steps", "4", "--run_name", "one"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert any(m["n_replayed"] > 0 for m in _metrics(str(out / "one")))  # the replay buffer is exercised
+    assert any(m.get("n_replayed", 0) > 0 for m in _metrics(str(out / "one")))  # the replay buffer is exercised
+    assert [m["step"] for m in _metrics(str(out / "one")) if "eval_pass@1" in m] == [0, 2, 4]
     return str(out / "one")
 
 
