@@ -66,12 +66,10 @@ def naive_rollout(model, tok, tasks, env_name, max_turns, max_turn_tokens):
         steps += gen.shape[1]
         nxt = []
         for j, r in enumerate(live):
-            turn = gen[j].tolist()
-            cut = next((i + 1 for i, x in enumerate(turn) if x in fmt.eos_ids), None)
-            for i in range(1, len(turn) + 1):  # generate pads finished rows: keep through the stop point
-                if cut is None and envs[r].is_stop(tok.decode(turn[:i])):
-                    cut = i
-            turn = turn[:cut] if cut else [x for x in turn]
+            turn = gen[j].tolist()  # generate pads a finished row (with a pad id that may equal EOS's):
+            cut = next((i for i in range(1, len(turn) + 1)  # keep through the first EOS or env stop
+                        if turn[i - 1] in fmt.eos_ids or envs[r].is_stop(tok.decode(turn[:i]))), len(turn))
+            turn = turn[:cut]
             ended_eos = bool(turn) and turn[-1] in fmt.eos_ids
             out_tokens[r] += turn
             obs, done, _ = envs[r].step(tok.decode(turn[:-1] if ended_eos else turn))
@@ -106,7 +104,7 @@ def bench_rollout(a):
     t = time.time()
     try:
         ours = R.rollout(model, tok, tasks, functools.partial(make_env, "math"), G, max_turns=turns,
-                         max_turn_tokens=cap, max_total_tokens=4096, temperature=0.0)
+                         max_turn_tokens=cap, max_total_tokens=1024, temperature=0.0)
     finally:
         R._forward = real_forward
     res["ours_s"] = time.time() - t

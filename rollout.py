@@ -7,9 +7,10 @@ with loss_mask = 1 exactly on the tokens the policy sampled. Sampled tokens are 
 How a wave of P tasks x G group members runs:
   1. each distinct prompt is prefilled once (left-padded batch of P), and the cache is fanned out to
      the P*G rows (`batch_repeat_interleave`);
-  2. all live rows decode their turn in lockstep (one token per row per forward); a row whose turn
-     ended (end-of-turn token, an env stop string, the per-turn cap) feeds a masked hole until the
-     slowest row finishes its turn;
+  2. the rows decode their turn in lockstep (one token per row per forward). A row whose turn ended
+     (end-of-turn token, an env stop string, the per-turn cap) swaps places with the last still-sampling
+     row, so the sampling rows are always the cache's first A rows: each forward runs on those A rows
+     only (a view, no copy), and the others get a masked hole in that cache column;
   3. the envs step (in a thread pool: the math env runs code in the sandbox); rows whose episode
      ended leave the batch (`batch_select_indices`); the others get their observation tokens
      prefilled (left-padded within the chunk) and the next turn starts.
@@ -19,6 +20,8 @@ memory budget, so thousands of trajectories never need one giant cache.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -171,7 +174,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, u: torch
 
 class GrowingLayer(DynamicLayer):
     """A KV-cache layer that appends in place into preallocated room (grown in chunks of `CHUNK`
-    tokens), instead of HF's torch.cat per decoded token, which copies the whole cache every step."""
+    tokens), instead of HF's torch.cat per decoded token, which copies the whole cache every step.
+    A forward over A < B rows feeds the cache's first A rows; the other rows get a hole in the new
+    columns (zeros, so that masked attention over them stays finite)."""
     CHUNK = 256
 
     def lazy_initialization(self, key_states, value_states):
@@ -181,18 +186,21 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[2]
+        A, n = key_states.shape[0], key_states.shape[2]
         if self.n + n > self._k.shape[2]:  # grow: one copy per CHUNK tokens
-            B, H, _, D = key_states.shape
+            B, H, _, D = self._k.shape
             cap = self.n + n + self.CHUNK
-            k, v = key_states.new_empty(B, H, cap, D), value_states.new_empty(B, H, cap, value_states.shape[3])
+            k, v = self._k.new_zeros(B, H, cap, D), self._v.new_zeros(B, H, cap, self._v.shape[3])
             k[:, :, :self.n], v[:, :, :self.n] = self._k[:, :, :self.n], self._v[:, :, :self.n]
             self._k, self._v = k, v
-        self._k[:, :, self.n:self.n + n] = key_states
-        self._v[:, :, self.n:self.n + n] = value_states
+        self._k[:A, :, self.n:self.n + n] = key_states
+        self._v[:A, :, self.n:self.n + n] = value_states
         self.n += n
         self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
-        return self.keys, self.values
+        return self.keys[:A], self.values[:A]
+
+    def swap_rows(self, i: int, j: int) -> None:
+        self._k[[i, j]], self._v[[i, j]] = self._k[[j, i]], self._v[[j, i]]
 
     def get_seq_length(self) -> int:
         return self.n if self.is_initialized else 0
@@ -210,6 +218,33 @@ class GrowingLayer(DynamicLayer):
 class GrowingCache(Cache):
     def __init__(self):
         super().__init__(layer_class_to_replicate=GrowingLayer)
+
+    def swap_rows(self, i: int, j: int) -> None:
+        for layer in self.layers:
+            layer.swap_rows(i, j)
+
+
+@contextlib.contextmanager
+def packed_linears(model):
+    """On CPU, run every fp32 nn.Linear of `model` through oneDNN with its weight prepacked once per
+    rollout: decode's few-row matmuls then take about half the time of MKL on the plain layout
+    (bench.py rollout). Same fp32 math, another summation order. Elsewhere a no-op."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu"
+               and m.weight.dtype == torch.float32] if torch.backends.mkldnn.is_available() else []
+    for m in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+        m.forward = functools.partial(_packed_linear, m, packed)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+def _packed_linear(m, packed, x):  # x (..., in) -> (..., out); prefill-sized inputs stay on MKL
+    if x.numel() > 128 * x.shape[-1]:
+        return torch.nn.functional.linear(x, m.weight, m.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, m.bias, "none", [], "")
 
 
 @torch.no_grad()
@@ -235,9 +270,10 @@ def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_t
     rows_fit = max(1, int(kv_budget_gb * 2**30 // (kv_bytes_per_token(model) * max_total_tokens * 1.5)))
     tasks_per_wave = max(1, rows_fit // group_size)
     out: list[Trajectory] = []
-    for w in range(0, len(tasks), tasks_per_wave):
-        out += _wave(model, fmt, tasks[w:w + tasks_per_wave], group_offset + w, env_fn, group_size, max_turns,
-                     max_turn_tokens, max_total_tokens, temperature, top_p, base, device)
+    with packed_linears(model):
+        for w in range(0, len(tasks), tasks_per_wave):
+            out += _wave(model, fmt, tasks[w:w + tasks_per_wave], group_offset + w, env_fn, group_size, max_turns,
+                         max_turn_tokens, max_total_tokens, temperature, top_p, base, device)
     return out
 
 
@@ -288,49 +324,52 @@ def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_
     counters = torch.zeros(len(rows), dtype=torch.long, device=device)  # (R,) tokens each row has sampled
     pool = ThreadPoolExecutor(max_workers=8)
 
+    def swap(i: int, j: int) -> None:  # exchange cache rows i and j, with every per-row tensor
+        if i != j:
+            for x in (attn, next_pos, keys, counters, logits):
+                x[[i, j]] = x[[j, i]]
+            cache.swap_rows(i, j)
+            rows[i], rows[j] = rows[j], rows[i]
+
     for turn in range(max_turns):
         R = len(rows)
-        turn_toks: list[list[int]] = [[] for _ in range(R)]
-        turn_lps: list[list[float]] = [[] for _ in range(R)]
-        active = torch.ones(R, dtype=torch.bool, device=device)  # still sampling this turn
-        ended_eos = [False] * R
-        cut = [False] * R  # the turn hit the per-turn cap or the total budget
-        room = [min(max_turn_tokens, max_total_tokens - len(trajs[r].tokens)) for r in rows]
-        # 2. lockstep decode of one turn
-        while True:
-            nxt, lp = sample_next(logits, temperature, top_p, row_uniforms(keys, counters))  # (R,), (R,)
-            counters = counters + active.long()
-            nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
-            is_eos = torch.isin(nxt, eos) & active
-            check = (trigger[nxt] & active).tolist()
-            nxt_l, lp_l, eos_l, act_l = nxt.tolist(), lp.tolist(), is_eos.tolist(), active.tolist()
-            for j in range(R):
-                if not act_l[j]:
-                    continue
-                turn_toks[j].append(nxt_l[j])
-                turn_lps[j].append(lp_l[j])
-                done = eos_l[j]
-                ended_eos[j] = done
-                if not done and check[j]:
-                    done = envs[rows[j]].is_stop(tok.decode(turn_toks[j]))
-                if not done and len(turn_toks[j]) >= room[j]:
-                    done, cut[j] = True, True
-                if done:
-                    active[j] = False
-            step_mask = torch.tensor(act_l, device=device, dtype=attn.dtype)[:, None]  # tokens fed this step
+        turn_toks: dict[int, list[int]] = {r: [] for r in rows}  # by trajectory index
+        turn_lps: dict[int, list[float]] = {r: [] for r in rows}
+        ended_eos = dict.fromkeys(rows, False)
+        cut = dict.fromkeys(rows, False)  # the turn hit the per-turn cap or the total budget
+        room = {r: min(max_turn_tokens, max_total_tokens - len(trajs[r].tokens)) for r in rows}
+        A = R  # cache rows [0, A) are still sampling this turn
+        # 2. lockstep decode of one turn, on the first A rows only
+        while A:
+            nxt, lp = sample_next(logits[:A], temperature, top_p, row_uniforms(keys[:A], counters[:A]))  # (A,), (A,)
+            counters[:A] += 1
+            is_eos, check = torch.isin(nxt, eos).tolist(), trigger[nxt].tolist()
+            done = []
+            for j, (x, lp_j) in enumerate(zip(nxt.tolist(), lp.tolist())):
+                r = rows[j]
+                turn_toks[r].append(x)
+                turn_lps[r].append(lp_j)
+                ended_eos[r] = is_eos[j]
+                if not is_eos[j] and check[j] and envs[r].is_stop(tok.decode(turn_toks[r])):
+                    done.append(j)
+                elif is_eos[j] or len(turn_toks[r]) >= room[r]:
+                    cut[r] = not is_eos[j]
+                    done.append(j)
+            step_mask = (torch.arange(R, device=device) < A).to(attn.dtype)[:, None]  # tokens fed this step
             attn = torch.cat([attn, step_mask], 1)
-            logits = _forward(model, nxt[:, None], attn, next_pos[:, None], cache)
-            next_pos = next_pos + step_mask[:, 0].long()
-            if not active.any():
-                break
+            logits = _forward(model, nxt[:, None], attn[:A], next_pos[:A, None], cache)  # (A, V)
+            next_pos[:A] += 1
+            for j in reversed(done):  # the finished rows move behind the sampling ones
+                A -= 1
+                swap(j, A)
         # 3. record the turn, step the envs, drop finished rows, prefill observations
-        for j, r in enumerate(rows):
+        for r in rows:
             t = trajs[r]
-            t.tokens += turn_toks[j]
-            t.loss_mask += [1] * len(turn_toks[j])
-            t.logprobs += turn_lps[j]
+            t.tokens += turn_toks[r]
+            t.loss_mask += [1] * len(turn_toks[r])
+            t.logprobs += turn_lps[r]
             t.n_turns += 1
-            text = tok.decode(turn_toks[j][:-1] if ended_eos[j] else turn_toks[j])
+            text = tok.decode(turn_toks[r][:-1] if ended_eos[r] else turn_toks[r])
             t.turns.append(text)
             t.text += text + "\n"
         results = list(pool.map(lambda j: envs[rows[j]].step(trajs[rows[j]].turns[-1]), range(R)))
@@ -340,11 +379,11 @@ def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_
             t = trajs[r]
             if done:  # a turn cut by a token cap that leaves no action counts as over budget, not void
                 t.finish = ("max_turns" if info.get("truncated") else
-                            ("budget" if cut[j] else "void") if envs[r].void else "answer")
+                            ("budget" if cut[r] else "void") if envs[r].void else "answer")
             elif turn == max_turns - 1:
                 t.finish = "max_turns"
             else:
-                suffix = fmt.observation(obs, ended_eos[j])
+                suffix = fmt.observation(obs, ended_eos[r])
                 if len(t.tokens) + len(suffix) + 1 > max_total_tokens:
                     t.finish = "budget"
                 else:
