@@ -136,3 +136,65 @@ def test_row_uniforms_are_uniform_and_distinct_per_key():
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
     assert len(set(u.flatten().tolist())) > 0.99 * u.numel()
+
+
+class RaggedEnv:
+    """Each row's turn ends after task["chars"][turn] characters (checked after every token, as nearly
+    every token holds a space or a vowel), so rows finish their turns at different decode steps and
+    swap out of the decoding prefix of the cache."""
+    name = "ragged"
+    stop_strings = (" ", "e", "a", "o", "i", "n", "t")
+
+    def __init__(self):
+        self.reward, self.success, self.void, self.infra_error = 0.0, False, False, False
+        self.n_tool_calls = self.n_steps = self.n_invalid = 0
+
+    def is_stop(self, text):
+        return len(text) >= self.task["chars"][self.n_steps]
+
+    def reset(self, task):
+        self.task = task
+        return [{"role": "user", "content": task["question"]}]
+
+    def step(self, text):
+        self.n_steps += 1
+        return "ok", self.n_steps >= len(self.task["chars"]), {}
+
+    def toolcall_bonus(self):
+        return 0.0
+
+
+RAGGED = [{"id": "p", "question": "One.", "chars": [5, 60, 9]}, {"id": "q", "question": "Two, longer.", "chars": [40, 3]},
+          {"id": "r", "question": "Three", "chars": [20, 20, 70]}]
+
+
+def test_rows_ending_turns_at_different_steps_keep_their_own_cache(tiny, tok):
+    """Rows leave the decoding prefix mid-turn (swapping cache rows); every sampled token must still be
+    the cache-free argmax of its own row, and sampled log-probs must match a full forward."""
+    trajs = rollout(tiny, tok, RAGGED, RaggedEnv, 2, max_turns=3, max_turn_tokens=40, max_total_tokens=400,
+                    temperature=0.0)
+    lengths = {tuple(len(x) for x in t.turns) for t in trajs}
+    assert len({n for ls in lengths for n in ls}) >= 4  # turns of many different lengths
+    assert [t.n_turns for t in trajs] == [3, 3, 2, 2, 3, 3]
+    assert _cache_free_check(tiny, trajs)
+    trajs = rollout(tiny, tok, RAGGED, RaggedEnv, 3, max_turns=3, max_turn_tokens=40, max_total_tokens=400,
+                    temperature=1.0, generator=torch.Generator().manual_seed(1))
+    ids, mask, lp = _pad(trajs, "tokens"), _pad(trajs, "loss_mask"), _pad(trajs, "logprobs", 0.0)
+    with torch.no_grad():
+        logp, _ = token_logprobs(tiny, ids, mask)
+    assert len({len(t.tokens) for t in trajs}) >= 5
+    assert ((logp - lp) * mask).abs().max().item() <= 1e-3
+
+
+def test_packed_linears_match_plain_ones_and_are_removed_after(tiny):
+    from rollout import packed_linears
+    ids = torch.randint(0, 1000, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny(ids).logits
+        with packed_linears(tiny):
+            n_packed = sum("forward" in vars(m) for m in tiny.modules())
+            packed = tiny(ids).logits  # 51 rows: oneDNN on prepacked weights
+            one_row = tiny(ids[:1, :1]).logits
+    assert n_packed == sum(isinstance(m, torch.nn.Linear) for m in tiny.modules()) > 0
+    assert not any("forward" in vars(m) for m in tiny.modules())
+    assert (packed - ref).abs().max().item() < 1e-4 and (one_row - ref[:1, :1]).abs().max().item() < 1e-4
