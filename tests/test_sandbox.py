@@ -302,8 +302,8 @@ def test_50_concurrent_calls_from_threads_are_all_correct():
 
 
 def test_throughput_print_1():
-    """Target >= 200 executions/s on the 2-core dev machine; the floor here is conservative because
-    the machine is shared (the measured numbers are printed: run with -s to see them)."""
+    """A floor only (the machine may be shared): `bench.py sandbox` measures the rates, see the README
+    (~136/s for one caller, ~225/s for four on the 2-core dev machine; run with -s to see these)."""
     for _ in range(10):
         assert_recovers()
     n = 200
