@@ -1,4 +1,4 @@
-"""envs.py: math grading, the procedural task generator, JSONL loading, the math env's turn logic
+"""envs.py + mathtasks.py: math grading, the procedural task generator, JSONL loading, the math env's turn logic
 (with a fake sandbox where only formatting is tested, and once with the real one) and dispatch."""
 import math
 import os
@@ -10,8 +10,10 @@ from fractions import Fraction
 import pytest
 
 import envs
-from envs import (answers_match, extract_boxed, format_answer, format_observation, grade, load_tasks,
-                  make_env, normalize_answer, parse_number)
+import mathtasks
+from envs import (answers_match, extract_boxed, format_observation, grade, load_tasks, make_env, normalize_answer,
+                  parse_number)
+from mathtasks import format_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +68,7 @@ def test_parse_number_and_format_answer():
 
 # --------------------------------------------------------------------------- procedural tasks
 def brute(kind, p):
-    """Every kind's answer by a different route than envs.ANSWER (loops instead of closed forms)."""
+    """Every kind's answer by a different route than mathtasks.ANSWER (loops instead of closed forms)."""
     if kind == "add":
         return Fraction(sum([p["a"], p["b"]]))
     if kind == "sub":
@@ -125,7 +127,7 @@ def first_tasks():
 def test_generator_is_deterministic_and_pinned():
     a, b = load_tasks("math", "test", n=40), load_tasks("math", "test", n=80)
     assert a == b[:40]  # task i does not depend on n
-    assert envs.generate_task("test", 7, 3) == envs.generate_task("test", 7, 3)
+    assert mathtasks.generate_task("test", 7, 3) == mathtasks.generate_task("test", 7, 3)
     t0 = load_tasks("math", "test", n=1)[0]  # pin: a generator change silently changes every test set
     assert (t0["id"], t0["question"], t0["answer"], t0["level"]) == ("math/test/0", "What is 17025 + 681082?", "698107", 1)
     assert load_tasks("math", "train", n=1)[0]["answer"] == "74770"
@@ -145,7 +147,7 @@ def test_every_answer_is_brute_force_correct_and_self_grades(first_tasks):
     for t in train + test:
         kind, p, q = t["kind"], t["params"], t["question"]
         kinds.add(kind)
-        assert kind in envs.LEVEL_KINDS[t["level"]]
+        assert kind in mathtasks.LEVEL_KINDS[t["level"]]
         assert parse_number(t["answer"]) == brute(kind, p), t
         assert grade(f"\\boxed{{{t['answer']}}}", t["answer"]) and grade(f"\\boxed{{{t['answer']}}}", brute(kind, p))
         assert brute(kind, p) > 0 or kind in ("remainder", "powmod", "mod_chain"), t
@@ -157,7 +159,7 @@ def test_every_answer_is_brute_force_correct_and_self_grades(first_tasks):
                 assert str(v) in numbers, (k, v, q)
         for g, qty, cents in p.get("items", []):
             assert f"{qty} {g}s at ${cents // 100}.{cents % 100:02d} each" in q
-    assert kinds == {k for ks in envs.LEVEL_KINDS.values() for k in ks}  # every kind shows up
+    assert kinds == {k for ks in mathtasks.LEVEL_KINDS.values() for k in ks}  # every kind shows up
 
 
 def test_levels_mix_by_index_and_validate():
