@@ -19,7 +19,6 @@ import shutil
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ALIASES = {f"Qwen2.5-{s}": f"Qwen/Qwen2.5-{s}-Instruct" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B")}

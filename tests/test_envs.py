@@ -184,7 +184,7 @@ def test_jsonl_loading_and_errors(tmp_path):
     for line3, why in [("{not json", "not valid JSON"), ('{"question": "q"}', '"answer"'), ("[1, 2]", "JSON object"),
                        ('{"question": "", "answer": "1"}', '"question"'), ('{"question": "q", "answer": true}', '"answer"')]:
         bad.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n' + line3 + "\n")
-        with pytest.raises(ValueError, match=re.escape(f"bad.jsonl:3: ") + ".*" + re.escape(why)):
+        with pytest.raises(ValueError, match=re.escape("bad.jsonl:3: ") + ".*" + re.escape(why)):
             load_tasks("math", "train", data=str(bad))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
@@ -367,4 +367,4 @@ def test_real_sandbox_runs_a_tool_call_end_to_end():
     assert (obs, done, info["status"]) == (f"```output\n{123456 * 789}\n```", False, "ok")
     obs, done, info = env.step("```python\nx = 1 / 0\n```")
     assert obs.endswith("ZeroDivisionError: division by zero\n```") and not done
-    assert env.step(f"\\boxed{{4}}")[1] and env.success and env.n_tool_calls == 2
+    assert env.step("\\boxed{4}")[1] and env.success and env.n_tool_calls == 2
