@@ -228,9 +228,9 @@ class GrowingCache(Cache):
 def packed_linears(model):
     """On CPU, run every fp32 nn.Linear of `model` through oneDNN with its weight prepacked once per
     rollout: the few-row matmuls of decode steps take ~0.5-0.6x the time of MKL on the plain layout
-    (all 211 linears of SmolLM2-135M at 6 rows: 61 vs 112 ms here; bench.py rollout: decode 20 vs 29 s).
-    Costs one more copy of the weights while it runs (packing 135M: ~0.5 s). Same fp32 math in another
-    summation order. Elsewhere (CUDA, bf16) a no-op."""
+    (all 211 linears of SmolLM2-135M at 6 rows: 61 vs 112 ms here; on bench.py rollout's batch, decode
+    19-20 vs 28-30 s in an A/B). Costs one more copy of the weights while it runs (packing 135M: ~0.5 s).
+    Same fp32 math in another summation order. Elsewhere (CUDA, bf16) a no-op."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu"
                and m.weight.dtype == torch.float32] if torch.backends.mkldnn.is_available() else []
     for m in linears:
