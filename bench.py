@@ -6,13 +6,9 @@
     python bench.py spear-overhead [--quick]   update time of SPEAR vs Dr.BoT on the same rollout batch,
                                          without and with a replay batch
     python bench.py sandbox  [--quick]   executions/s and p50/p99 latency, with and without hostile neighbours
-    python bench.py sil [--ckpt DIR]     one SIL update on a real replay batch (from a run's checkpoint) raises
-                                         the replayed sequences' log-likelihood
-    python bench.py calibrate [--quick]  groups with mixed outcomes at step 1 for candidate CPU recipes (train split)
-    python bench.py learning [--env math] GRPO, Dr.BoT, SPEAR and two SPEAR ablations x 3 seeds, final checkpoints
-                                         on 128 held-out tasks; resumable; writes results/learning_<env>/
 
-Results are printed and appended to results/bench.jsonl with the machine description.
+Results are printed and appended to results/bench.jsonl with the machine description. The learning
+experiments (calibration, the SIL check, the comparison) are in experiments.py.
 """
 from __future__ import annotations
 
@@ -336,181 +332,25 @@ def bench_sandbox(a):
     return res
 
 
-def bench_sil(a):
-    """Self-imitation on the real model, with a real replay batch: a SPEAR checkpoint whose buffer triggers
-    at the next step (--ckpt; step 7 of the default run replays at step 8). Its weights, AdamW state,
-    buffer and RNG states are restored, so maybe_replay draws exactly that run's replay batch. We check
-    A' = R - p50 > 0 for every sample, take ONE optimizer step on L_SIL alone (lambda = 1, the run's lr),
-    and measure the replayed sequences' token log-likelihood before and after."""
-    import train
-    import update
-    from checkpoint import load_checkpoint
-    from model import LogProbs, load_model
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(a.ckpt)))
-    cfg = train.Config(**json.load(open(os.path.join(run_dir, "config.json"))))
-    model, tok = load_model(a.ckpt, dtype=torch.float32)
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    buf = train.make_buffer(cfg)
-    gens = {k: torch.Generator() for k in ("rollout", "buffer", "loss")}
-    step = load_checkpoint(a.ckpt, opt, buf, gens)["step"] + 1
-    baseline, stored = buf.baseline(), len(buf)
-    seqs = buf.maybe_replay(step, generator=gens["buffer"])
-    if not seqs:
-        return {"checkpoint": a.ckpt, "step": step, "stored": stored, "replayed": 0}
-    T = max(len(s.tokens) for s in seqs)
-    ids = torch.tensor([s.tokens + [0] * (T - len(s.tokens)) for s in seqs], device=device)  # (B, T)
-    mask = torch.tensor([s.loss_mask + [0] * (T - len(s.loss_mask)) for s in seqs], device=device)  # (B, T)
-
-    def loglik():  # (B,) mean log-likelihood per replayed sequence's sampled tokens
-        model.eval()
-        with torch.no_grad():
-            logp, _ = LogProbs(model)(ids, mask, temperature=cfg.temperature)
-        return (logp * mask).sum(1) / mask.sum(1)
-
-    before = loglik()
-    _, m, gnorm, finite = update.optimizer_step(LogProbs(model), model, opt, [], seqs, 1.0, cfg, gens["loss"], device)
-    after = loglik()
-    return {"checkpoint": a.ckpt, "step": step, "stored": stored, "replayed": len(seqs), "baseline_p50": baseline,
-            "advantages": [s.advantage for s in seqs], "rewards": [s.reward for s in seqs],
-            "all_A_equal_R_minus_p50_and_positive": all(s.advantage == s.reward - baseline > 0 for s in seqs),
-            "sil_loss": m["loss"], "ratio_min": m["ratio_min"], "ratio_max": m["ratio_max"],
-            "clipfrac_high": m["clipfrac_high"], "grad_norm": gnorm, "finite": finite, "lr": cfg.lr,
-            "mean_loglik_before": float(before.mean()), "mean_loglik_after": float(after.mean()),
-            "seqs_raised": int((after > before).sum())}
-
-
-CALIBRATION = {  # candidate CPU recipes at the same rollout budget (32 rows a step), chosen on the train split
-    "8x4 T1.0 L1-5": dict(P=8, G=4, temperature=1.0, levels=(1, 2, 3, 4, 5)),  # the earlier default
-    "4x8 T0.7 L1-5": dict(P=4, G=8, temperature=0.7, levels=(1, 2, 3, 4, 5)),
-    "4x8 T0.5 L1-5": dict(P=4, G=8, temperature=0.5, levels=(1, 2, 3, 4, 5)),
-    "4x8 T0.7 L1-3": dict(P=4, G=8, temperature=0.7, levels=(1, 2, 3)),
-    "4x8 T0.5 L1-3": dict(P=4, G=8, temperature=0.5, levels=(1, 2, 3)),
-}
-
-
-def bench_calibrate(a):
-    """Signal in the CPU miniature: group-relative methods learn only from groups whose rewards differ.
-    For each candidate recipe, the bundled model rolls out the tasks of steps 1..n of the TRAIN split (as
-    train.py draws them, seed 0) and we count groups with mixed outcomes, groups with non-zero variance of
-    the shaped reward at step 1 (w = 1: R = outcome + b), sampled success and tool use."""
-    from envs import load_tasks, make_env
-    from model import load_model
-    from chat import ChatFormat
-    from rollout import rollout
-    from train import Config, step_tasks
-    cfg = Config()
-    model, tok = load_model(a.model, device="cpu", dtype=torch.float32)
-    fmt, out = ChatFormat(tok), {}
-    n_steps = 1 if a.quick else 2
-    for name, r in CALIBRATION.items():
-        if a.recipes and name not in a.recipes.split(","):
-            continue
-        tasks, t0, groups = load_tasks("math", "train", seed=0, levels=r["levels"]), time.time(), []
-        for step in range(1, n_steps + 1):
-            trajs = rollout(model, tok, step_tasks(tasks, step, r["P"], 0), functools.partial(make_env, "math"),
-                            r["G"], max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                            max_total_tokens=cfg.max_total_tokens, temperature=r["temperature"],
-                            generator=torch.Generator().manual_seed(step), fmt=fmt)
-            groups += [trajs[i:i + r["G"]] for i in range(0, len(trajs), r["G"])]
-        rows = [t for g in groups for t in g]
-        out[name] = {
-            "groups": len(groups), "rows": len(rows),
-            "mixed_outcome_groups": sum(len({t.outcome for t in g}) > 1 for g in groups) / len(groups),
-            "nonzero_shaped_var_groups": sum(len({t.outcome + t.toolcall_bonus for t in g}) > 1
-                                             for g in groups) / len(groups),
-            "sampled_success": sum(t.success for t in rows) / len(rows),
-            "tool_use_rate": sum(t.n_tool_calls > 0 for t in rows) / len(rows),
-            "seconds": time.time() - t0}
-        print(f"[calibrate] {name}: {out[name]}", flush=True)
-    return {"steps_per_recipe": n_steps, "recipes": out}
-
-
-ARMS = {  # the comparison's arms (fixed before it runs), in run order: name -> train.py flags
-    "spear": ["--algo", "spear"], "drbot": ["--algo", "drbot"],
-    "spear-no-sil": ["--algo", "spear", "--use_replay", "false"], "grpo": ["--algo", "grpo"],
-    "spear-no-toolcall": ["--algo", "spear", "--use_toolcall_reward", "none"]}
-PAIRS = [("spear", "drbot"), ("spear", "spear-no-sil"), ("spear", "spear-no-toolcall"), ("drbot", "grpo")]
-
-
-def git_commit() -> str:
-    import subprocess
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    return (head or "unknown") + ("+uncommitted changes" if dirty.stdout.strip() else "")
-
-
-def bench_learning(a):
-    """Every arm of ARMS x every seed, from the same model and tasks with train.py's default recipe; each
-    final checkpoint evaluated greedily on the same --final_n held-out tasks. A run whose results are in
-    <out>/<arm>-s<seed>/ (config.json, metrics.jsonl, final_eval.json) is skipped; a run cut short resumes
-    from its checkpoints (runs/learning-<env>-<arm>-s<seed>). Then the summary table and plot."""
-    import shutil
-    import train
-    from checkpoint import latest_checkpoint
-    from envs import load_tasks
-    from eval import evaluate, summarize_learning
-    from model import load_model
-    steps, every = (1, 1) if a.quick else (a.steps, a.eval_every)
-    small = ["--train_batch_size", "2", "--n", "2", "--eval_n", "4", "--max_turns", "2", "--max_turn_tokens", "48"]
-    root = a.out or os.path.join("results", f"learning_{a.env}" + ("_quick" if a.quick else ""))
-    cfg = train.parse_args(["--env", a.env, *(small if a.quick else [])])
-    test_tasks = load_tasks(a.env, "test", n=4 if a.quick else a.final_n)
-    for seed in a.seeds:
-        for arm, flags in ARMS.items():
-            res_dir = os.path.join(root, f"{arm}-s{seed}")
-            if os.path.exists(os.path.join(res_dir, "final_eval.json")):
-                print(f"[bench] {res_dir}: done before, skipped", flush=True)
-                continue
-            run_dir = train.main(["--env", a.env, "--model", a.model, "--seed", str(seed), "--steps", str(steps),
-                                  "--eval_every", str(every), "--ckpt_every", str(every), "--resume", "auto",
-                                  "--run_name", f"learning-{a.env}-{arm}-s{seed}" + ("-quick" if a.quick else ""),
-                                  *(small if a.quick else []),
-                                  *flags])
-            t0 = time.time()
-            model, tok = load_model(latest_checkpoint(run_dir), dtype=torch.float32)
-            res = evaluate(model, tok, a.env, test_tasks, k=0, max_turns=cfg.max_turns,
-                           max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
-            res.update(arm=arm, seed=seed, flags=flags, commit=git_commit(), machine=machine(),
-                       checkpoint=latest_checkpoint(run_dir), eval_s=time.time() - t0)
-            os.makedirs(res_dir, exist_ok=True)
-            for name in ("config.json", "metrics.jsonl"):
-                shutil.copy(os.path.join(run_dir, name), res_dir)
-            with open(os.path.join(res_dir, ".final_eval.json"), "w") as f:
-                json.dump(res, f, indent=1)
-            os.replace(os.path.join(res_dir, ".final_eval.json"), os.path.join(res_dir, "final_eval.json"))
-            print(f"[bench] {res_dir}: held-out pass@1 {res['pass@1']:.3f} on {len(test_tasks)} tasks", flush=True)
-    table = summarize_learning(root, list(ARMS), a.seeds, PAIRS)
-    print(table)
-    return {"root": root, "steps": steps, "seeds": a.seeds, "final_n": len(test_tasks)}
-
-
 BENCHES = {"rollout": bench_rollout, "train": bench_train, "spear-overhead": bench_spear_overhead,
-           "sandbox": bench_sandbox, "learning": bench_learning, "calibrate": bench_calibrate,
-           "sil": bench_sil}
+           "sandbox": bench_sandbox}
+
+
+def record(res: dict) -> None:
+    """Print a result and append it to results/bench.jsonl."""
+    print(json.dumps(res, indent=1))
+    os.makedirs("results", exist_ok=True)
+    with open("results/bench.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=list(BENCHES))
-    p.add_argument("--env", default="math", help="learning: the env to compare on")
-    p.add_argument("--steps", type=int, default=14, help="learning: steps per run (train.py's default)")
-    p.add_argument("--eval_every", type=int, default=7, help="learning: held-out eval interval")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
-                   help="learning: e.g. 0,1,2")
-    p.add_argument("--final_n", type=int, default=128, help="learning: held-out tasks for the final evals")
-    p.add_argument("--out", default=None, help="learning: results directory (default results/learning_<env>)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--ckpt", default="runs/learning-math-spear-s0/checkpoints/step_7",
-                   help="sil: a SPEAR checkpoint whose buffer triggers at the next step")
-    p.add_argument("--recipes", default="", help="calibrate: comma list of CALIBRATION names (default: all)")
     p.add_argument("--model", default="smollm2-135m")
     a = p.parse_args()
-    res = {"bench": a.name, "quick": a.quick, "machine": machine(), **BENCHES[a.name](a)}
-    print(json.dumps(res, indent=1))
-    os.makedirs("results", exist_ok=True)
-    with open("results/bench.jsonl", "a") as f:
-        f.write(json.dumps(res) + "\n")
+    record({"bench": a.name, "quick": a.quick, "machine": machine(), **BENCHES[a.name](a)})
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_bootstrap_resamples_seeds_and_tasks_hand_computed_quantiles():
 
 
 def test_summarize_learning_table_pairs_and_plot(tmp_path):
-    from eval import summarize_learning
+    from experiments import summarize_learning
     per_task = {"a": {0: [1, 1, 0, 0], 1: [1, 0, 0, 0]}, "b": {0: [0, 1, 0, 0], 1: [0, 0, 0, 0]}}
     for arm, seeds in per_task.items():
         for s, wins in seeds.items():
@@ -84,9 +84,10 @@ def test_summarize_learning_table_pairs_and_plot(tmp_path):
             d.mkdir()
             (d / "final_eval.json").write_text(json.dumps({"pass@1": sum(wins) / 4, "greedy": {"tool_use_rate": 0.5},
                                                            "per_task": {f"t{i}": w for i, w in enumerate(wins)}}))
-            (d / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "entropy": 1.0 / k, "step_s": 60.0,
-                                                                 "n_replayed": 4 * (arm == "a" and k == 2)}) + "\n"
-                                                     for k in (1, 2)))
+            (d / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "step_s": 60.0,
+                                                                 "n_replayed": 4 * (arm == "a" and k == 2)}
+                                                                | ({} if (arm, s) == ("b", 1) else {"entropy": 1 / k})) + "\n"
+                                                     for k in (1, 2)))  # b-s1 trained no token: no entropy logged
     table = summarize_learning(str(tmp_path), ["a", "b", "missing"], [0, 1], [("a", "b")])
     rows = table.splitlines()
     assert rows[2].startswith("| a | 2 | 0.375 [") and "| 0.50 | 1.0 | 0.50 | 2 |" in rows[2], rows[2]
