@@ -239,6 +239,7 @@ def bench_spear_overhead(a):
     Equal work: outcomes alternate win/loss within each group and the group/response filters are off,
     so both algorithms train all P*G sequences (a time benchmark: which ones win does not matter)."""
     import copy
+    import config
     import train
     from buffer import Sample
     from chat import ChatFormat
@@ -251,7 +252,7 @@ def bench_spear_overhead(a):
     device = next(model.parameters()).device
     fmt, tasks = ChatFormat(tok), load_tasks("math", "train")
     init = copy.deepcopy(model.state_dict())
-    cfg = train.parse_args(base + ["--algo", "spear"])
+    cfg = config.parse_args(base + ["--algo", "spear"])
     gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "buffer", "loss"))}
     t = time.time()
     with torch.no_grad():
@@ -265,7 +266,7 @@ def bench_spear_overhead(a):
     train.rollout = lambda *args, **kw: copy.deepcopy(batch)  # every step below trains on the same batch
 
     def run(algo, n_replay):
-        cfg = train.parse_args(base + ["--algo", algo])
+        cfg = config.parse_args(base + ["--algo", algo])
         model.load_state_dict(init)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         buf = train.ReplayBuffer(cfg.trajectory_buffer_size)

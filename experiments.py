@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bench import machine, record
+from config import Config, parse_args
 from eval import bootstrap, read_run
 
 
@@ -37,7 +38,7 @@ def sil_check(a):
     from checkpoint import load_checkpoint
     from model import LogProbs, load_model
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(a.ckpt)))
-    cfg = train.Config(**json.load(open(os.path.join(run_dir, "config.json"))))
+    cfg = Config(**json.load(open(os.path.join(run_dir, "config.json"))))
     model, tok = load_model(a.ckpt, dtype=torch.float32)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -88,7 +89,7 @@ def calibrate(a):
     from model import load_model
     from chat import ChatFormat
     from rollout import rollout
-    from train import Config, step_tasks
+    from train import step_tasks
     cfg = Config()
     model, tok = load_model(a.model, device="cpu", dtype=torch.float32)
     fmt, out = ChatFormat(tok), {}
@@ -144,7 +145,7 @@ def learning(a):
     steps, every = (1, 1) if a.quick else (a.steps, a.eval_every)
     small = ["--train_batch_size", "2", "--n", "2", "--eval_n", "4", "--max_turns", "2", "--max_turn_tokens", "48"]
     root = a.out or os.path.join("results", f"learning_{a.env}" + ("_quick" if a.quick else ""))
-    cfg = train.parse_args(["--env", a.env, *(small if a.quick else [])])
+    cfg = parse_args(["--env", a.env, *(small if a.quick else [])])
     test_tasks = load_tasks(a.env, "test", n=4 if a.quick else a.final_n)
     for seed in a.seeds:
         for arm, flags in ARMS.items():

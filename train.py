@@ -8,171 +8,34 @@
 One step (`train_step`; README "One step"): P tasks -> P x G rollouts -> shaped reward R = outcome + w(s) b
 -> response filters -> std group filter -> advantages -> replay drawn from earlier wins (SPEAR) -> one
 optimizer step on L = L_on + lambda(s) L_SIL -> admit this step's wins to the buffer -> metrics. The
-optimizer step's machinery (micro-batches, rank shards, metric reduction) is in update.py.
+optimizer step's machinery (micro-batches, rank shards, metric reduction) is in update.py; the flags
+and the --algo bundles in config.py.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from buffer import ReplayBuffer, Sample
-from checkpoint import (MARKER, StorageError, append_logs, crash_point, latest_checkpoint, load_checkpoint,
+from checkpoint import (StorageError, append_logs, crash_point, latest_checkpoint, load_checkpoint,
                         prepare_run_dir, save_checkpoint, truncate_logs)
 from curriculum import sil_coef, toolcall_weight
-from envs import ENV_NAMES, load_tasks, make_env
-from loss import AGG_MODES, FILTERS, LOSS_MODES, group_advantages, response_filter_reasons, std_group_filter
+from config import Config, parse_args
+from envs import load_tasks, make_env
+from loss import FILTERS, group_advantages, response_filter_reasons, std_group_filter
 import distributed
 from model import LogProbs, ModelNotFound, autocast, load_model
 from chat import ChatFormat
 from rollout import Trajectory, rollout
 from update import optimizer_step
-
-
-@dataclass
-class Config:
-    # what to train
-    env: str = "math"
-    model: str = "smollm2-135m"
-    data: str | None = None  # math: JSONL of {question, answer} for the train split; alfworld: the data folder
-    algo: str = "spear"  # grpo | drbot | spear (a bundle of the defaults below)
-    run_name: str | None = None
-    out_dir: str = "runs"
-    seed: int = 0
-    # batch and budgets
-    steps: int = 14
-    train_batch_size: int = 4  # P tasks per step (CPU default: README "Signal in the miniature"; paper: 32 / 128)
-    n: int = 8  # G rollouts per task (group size); also --group_size (torchrun takes --n for its own flags)
-    max_turns: int = 3
-    max_turn_tokens: int = 160
-    max_total_tokens: int = 1024
-    temperature: float = 0.7  # CPU default (at 1.0 the bundled model's groups all fail); paper: 1.0
-    top_p: float = 1.0
-    micro_token_budget: int = 4096  # max padded tokens per micro-batch (memory stays bounded)
-    # optimizer
-    lr: float = 1e-5  # paper: 1e-6 for 1.5B-32B models over 200+ steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    entropy_coeff: float = 0.0
-    max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
-    # policy loss (verl names); None = take the --algo bundle's value
-    clip_ratio_low: float | None = None
-    clip_ratio_high: float | None = None
-    clip_ratio_c: float = 10.0
-    loss_agg_mode: str | None = None
-    norm_adv_by_std_in_grpo: bool | None = None
-    rollout_filter_ratio: float | None = None  # std group filter; 1.0 keeps every group
-    response_filters: str | None = None  # comma list of overlong,incomplete,repetitive,unreadable (or none) -> mask 0
-    loss_mode: str | None = None  # vanilla | clip_cov | kl_cov
-    clip_cov_ratio: float = 2e-4
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    clip_cov_ratio_replay: float | None = None  # default: agent envs 0.02, math = on-policy value
-    clip_cov_lb_replay: float | None = None  # default: agent envs 2, math = on-policy value
-    clip_cov_ub_replay: float | None = None  # default: agent envs 60, math = on-policy value
-    kl_cov_ratio: float = 2e-4
-    kl_cov_coef: float = 1.0
-    # SPEAR: intrinsic tool-call reward and self-imitation
-    use_toolcall_reward: str | None = None  # cosine | constant | none
-    max_toolcall_steps: int | None = None  # T_tc, default = steps
-    use_replay: bool | None = None
-    trajectory_buffer_size: int | None = None  # default = P * G / 2 (the official small-scale script: 32 for 4 x 16)
-    trajectory_tolerate_steps: int = 5
-    replay_loss_coef: float = 1.0
-    max_replay_loss_steps: int | None = None  # T_sil, default = steps
-    weight_decay_trajectory_replay: float = -1.0  # -1: A' = R - p50 baseline; w in (0, 1]: A' = w A
-    baseline_buffer_size: int = 10240
-    # evaluation, logging, checkpoints
-    eval_every: int = 7
-    eval_n: int = 32
-    ckpt_every: int = 7
-    keep_ckpts: int = 2
-    resume: str = "none"  # none | auto | path to a checkpoint dir
-    device: str | None = None
-    fsdp: bool = False  # under torchrun: FSDP2 (shard weights, grads, Adam state) instead of DDP
-    samples_per_step: int = 2
-    sandbox: str = "default"  # math: default (run with the isolation layers this machine has) | strict
-
-
-ALGOS = {  # the three bundles (README: "The algorithms")
-    "grpo": dict(clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode="token-mean", norm_adv_by_std_in_grpo=True,
-                 rollout_filter_ratio=1.0, response_filters="none", loss_mode="vanilla", use_toolcall_reward="none",
-                 use_replay=False),
-    "drbot": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="seq-mean-token-sum-norm",
-                  norm_adv_by_std_in_grpo=False, rollout_filter_ratio=0.75, response_filters=",".join(FILTERS),
-                  loss_mode="vanilla", use_toolcall_reward="none", use_replay=False),
-}
-ALGOS["spear"] = {**ALGOS["drbot"], "loss_mode": "clip_cov", "use_toolcall_reward": "cosine", "use_replay": True}
-
-
-def finalize(cfg: Config) -> Config:
-    """Fill the --algo bundle and run-length defaults, then validate; fails before any work is done."""
-    if cfg.algo not in ALGOS:
-        raise SystemExit(f"error: unknown --algo {cfg.algo!r}; choose one of {sorted(ALGOS)}")
-    for k, v in ALGOS[cfg.algo].items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    agent = cfg.env != "math"
-    for k, agent_v in (("clip_cov_ratio", 0.02), ("clip_cov_lb", 2.0), ("clip_cov_ub", 60.0)):
-        if getattr(cfg, k + "_replay") is None:
-            setattr(cfg, k + "_replay", agent_v if agent else getattr(cfg, k))
-    cfg.max_toolcall_steps = cfg.max_toolcall_steps or cfg.steps
-    cfg.max_replay_loss_steps = cfg.max_replay_loss_steps or cfg.steps
-    cfg.trajectory_buffer_size = cfg.trajectory_buffer_size or max(cfg.train_batch_size * cfg.n // 2, 1)
-    cfg.run_name = cfg.run_name or f"{cfg.env}-{cfg.algo}-s{cfg.seed}"
-    errors = []
-    if cfg.env not in ENV_NAMES:
-        errors.append(f"unknown --env {cfg.env!r}; choose one of {', '.join(ENV_NAMES)}")
-    if cfg.n < 2:
-        errors.append(f"--n (group size) must be >= 2 for group-relative advantages, got {cfg.n}")
-    if not 0 < cfg.rollout_filter_ratio <= 1:
-        errors.append(f"--rollout_filter_ratio must be in (0, 1], got {cfg.rollout_filter_ratio}")
-    enabled = [f for f in cfg.response_filters.split(",") if f and f != "none"]
-    if any(f not in FILTERS for f in enabled):
-        errors.append(f"--response_filters must be 'none' or a comma list of {','.join(FILTERS)}, "
-                      f"got {cfg.response_filters!r}")
-    if cfg.loss_agg_mode not in AGG_MODES:
-        errors.append(f"--loss_agg_mode must be one of {AGG_MODES}, got {cfg.loss_agg_mode!r}")
-    if cfg.loss_mode not in LOSS_MODES:
-        errors.append(f"--loss_mode must be vanilla, clip_cov or kl_cov, got {cfg.loss_mode!r}")
-    if cfg.use_toolcall_reward not in ("cosine", "constant", "none"):
-        errors.append(f"--use_toolcall_reward must be cosine, constant or none, got {cfg.use_toolcall_reward!r}")
-    if not (cfg.weight_decay_trajectory_replay == -1 or 0 < cfg.weight_decay_trajectory_replay <= 1):
-        errors.append("--weight_decay_trajectory_replay must be -1 (p50 baseline) or in (0, 1]")
-    if min(cfg.steps, cfg.train_batch_size, cfg.max_turns, cfg.max_turn_tokens, cfg.ckpt_every, cfg.keep_ckpts,
-           cfg.max_nonfinite_steps) < 1:
-        errors.append("--steps, --train_batch_size, --max_turns, --max_turn_tokens, --ckpt_every, --keep_ckpts and "
-                      "--max_nonfinite_steps must be >= 1")
-    if cfg.micro_token_budget < cfg.max_total_tokens:
-        errors.append(f"--micro_token_budget {cfg.micro_token_budget} cannot hold one sequence of up to "
-                      f"--max_total_tokens {cfg.max_total_tokens}; raise it to at least {cfg.max_total_tokens}")
-    if cfg.resume not in ("none", "auto") and not os.path.exists(os.path.join(cfg.resume, MARKER)):
-        errors.append(f"--resume must be none, auto or a committed checkpoint directory (with {MARKER}); "
-                      f"{cfg.resume!r} is none of these")
-    if cfg.sandbox not in ("default", "strict"):
-        errors.append(f"--sandbox must be default or strict, got {cfg.sandbox!r}")
-    if errors:
-        raise SystemExit("error: invalid configuration:\n  " + "\n  ".join(errors))
-    return cfg
-
-
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        t = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
-        if "bool" in str(f.type):
-            t = lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
-        names = [f"--{f.name}"] + (["--group_size"] if f.name == "n" else [])  # torchrun reads --n as its own
-        p.add_argument(*names, type=t, default=f.default, metavar=str(f.type).split(" ")[0].upper())
-    return finalize(Config(**vars(p.parse_args(argv))))
 
 
 def seed_all(seed: int) -> None:

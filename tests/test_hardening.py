@@ -20,6 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
+import config  # noqa: E402
 from test_train import TOY, _metrics  # noqa: E402  (shared toy flags and metrics reader)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -388,7 +389,7 @@ def test_sandbox_strict_refuses_a_machine_with_a_missing_layer(monkeypatch, tmp_
     assert str(e.value).startswith("error: sandbox strict mode") and "landlock(missing" in str(e.value)
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit, match="--sandbox must be default or strict"):
-        train.parse_args(["--sandbox", "paranoid"])
+        config.parse_args(["--sandbox", "paranoid"])
 
 
 if __name__ == "__main__":  # the toy trainer as its own process (for the SIGKILL tests); argv = train.py flags

@@ -7,6 +7,7 @@ import copy
 
 import torch
 
+import config
 from buffer import ReplayBuffer, Sample
 from conftest import ToyEnv
 from curriculum import sil_coef, toolcall_weight
@@ -67,7 +68,7 @@ def _loss(model, ids, mask, old, adv, cfg):
 def test_spear_step_gradient_equals_the_one_assembled_by_hand(toy_train, tok, monkeypatch):
     train = toy_train
     monkeypatch.setattr(train, "make_env", lambda name, **kw: BonusToyEnv())
-    cfg = train.parse_args(TOY + ["--algo", "spear", "--steps", str(T), "--loss_mode", "vanilla", "--grad_clip", "1e9",
+    cfg = config.parse_args(TOY + ["--algo", "spear", "--steps", str(T), "--loss_mode", "vanilla", "--grad_clip", "1e9",
                                   "--trajectory_buffer_size", "2"])
     device = torch.device("cpu")
     model, _ = train.load_model("tiny-random", device=device, dtype=torch.float32)

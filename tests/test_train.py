@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["--model", "tiny-random", "--max_turns", "1", "--max_turn_tokens", "1", "--max_total_tokens", "64",
        "--train_batch_size", "4", "--n", "4", "--lr", "0.05", "--eval_every", "0", "--ckpt_every", "100"]
@@ -24,20 +26,18 @@ def _metrics(run_dir):
     (["--use_toolcall_reward", "linear"], "use_toolcall_reward"), (["--response_filters", "long"], "response_filters"), (["--weight_decay_trajectory_replay", "2"], "-1"),
 ])
 def test_invalid_config_fails_before_any_work(bad, msg, capsys):
-    import train
     with pytest.raises(SystemExit) as e:
-        train.parse_args(bad)
+        config.parse_args(bad)
     assert msg in str(e.value)
 
 
 def test_algo_bundles_follow_the_design():
-    import train
-    g, d, s = (train.parse_args(["--algo", a]) for a in ("grpo", "drbot", "spear"))
+    g, d, s = (config.parse_args(["--algo", a]) for a in ("grpo", "drbot", "spear"))
     assert (g.norm_adv_by_std_in_grpo, g.loss_agg_mode, g.clip_ratio_high, g.rollout_filter_ratio) == (True, "token-mean", 0.2, 1.0)
     assert (d.norm_adv_by_std_in_grpo, d.loss_agg_mode, d.clip_ratio_high, d.response_filters) == (False, "seq-mean-token-sum-norm", 0.28, "overlong,incomplete,repetitive,unreadable")
     assert (s.loss_mode, s.use_toolcall_reward, s.use_replay, s.max_replay_loss_steps) == ("clip_cov", "cosine", True, s.steps)
     assert s.trajectory_buffer_size == s.train_batch_size * s.n // 2  # half a step, as the official small script
-    assert train.parse_args(["--algo", "spear", "--clip_ratio_high", "0.3"]).clip_ratio_high == 0.3  # flags win
+    assert config.parse_args(["--algo", "spear", "--clip_ratio_high", "0.3"]).clip_ratio_high == 0.3  # flags win
 
 
 @pytest.mark.parametrize("algo", ["grpo", "drbot", "spear"])
