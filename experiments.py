@@ -177,10 +177,14 @@ def learning(a):
 
 
 
+CURVES = {"entropy": ("token entropy", "policy entropy"),  # metrics.jsonl key -> the plot's labels
+          "tool_calls": ("tool calls per rollout", "tool use (training rollouts)")}
+
+
 def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list[tuple[str, str]]) -> str:
     """The learning comparison from <root>/<arm>-s<seed>/{final_eval.json, metrics.jsonl}: per arm the
-    held-out pass@1 with its 95 % bootstrap interval, tool use, replay steps, entropy; the paired
-    differences; writes <root>/summary.{json,md,png} and returns the markdown."""
+    held-out pass@1 with its 95 % bootstrap interval, tool use, replay steps, the entropy and tool-call
+    curves; the paired differences; writes <root>/summary.{json,md,png} and returns the markdown."""
     runs = {}
     for arm in arms:
         for s in seeds:
@@ -200,7 +204,7 @@ def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list
                         "per_seed": [e["pass@1"] for e in evs],
                         "tool_use_rate": float(np.mean([e["greedy"]["tool_use_rate"] for e in evs])),
                         "replay_steps": [sum(m.get("n_replayed", 0) > 0 for m in ms) for ms in mets],
-                        "entropy": [{m["step"]: m["entropy"] for m in ms if "entropy" in m} for ms in mets],
+                        **{k: [{m["step"]: m[k] for m in ms if k in m} for ms in mets] for k in CURVES},
                         "train_min": [sum(m.get("step_s", 0) for m in ms) / 60 for ms in mets]}
         a = per_arm[arm]
         last = [e[max(e)] for e in a["entropy"] if e]  # each run's last step that trained a token (none: no entropy)
@@ -226,21 +230,21 @@ def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, *axes) = plt.subplots(1, 1 + len(CURVES), figsize=(15, 3.8))
     names = list(per_arm)
     ax1.errorbar(range(len(names)), [per_arm[n]["pass@1"] for n in names], fmt="o", capsize=4,
                  yerr=np.abs(np.array([per_arm[n]["ci95"] for n in names]).T - [per_arm[n]["pass@1"] for n in names]))
     ax1.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     ax1.set(ylabel="held-out greedy pass@1 (95 % CI)", title="final checkpoints")
-    for n in names:  # a step with no trained token (all advantages 0) has no entropy: mean over the seeds that do
-        steps = sorted({s for c in per_arm[n]["entropy"] for s in c})
-        ax2.plot(steps, [np.mean([c[s] for c in per_arm[n]["entropy"] if s in c]) for s in steps], marker=".", label=n)
-    ax2.set(xlabel="step", ylabel="token entropy (mean over seeds)", title="policy entropy")
-    ax2.legend(fontsize=7)
+    for ax, (k, (label, title)) in zip(axes, CURVES.items()):
+        for n in names:  # a step that trained no token has no entropy: the mean over the seeds that have one
+            steps = sorted({s for c in per_arm[n][k] for s in c})
+            ax.plot(steps, [np.mean([c[s] for c in per_arm[n][k] if s in c]) for s in steps], marker=".", label=n)
+        ax.set(xlabel="step", ylabel=f"{label} (mean over seeds)", title=title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "summary.png"), dpi=110)
     return table
-
 
 
 EXPERIMENTS = {"calibrate": calibrate, "sil": sil_check, "learning": learning}
