@@ -97,3 +97,31 @@ def test_summarize_learning_table_pairs_and_plot(tmp_path):
     out = json.loads((tmp_path / "summary.json").read_text())
     assert out["differences"]["a - b"]["mean"] == 0.25 and out["arms"]["a"]["replay_steps"] == [1, 1]
     assert (tmp_path / "summary.png").stat().st_size > 0 and (tmp_path / "summary.md").read_text() == table + "\n"
+
+
+def test_learning_comparison_runs_every_arm_once_and_skips_finished_runs(tmp_path, monkeypatch):
+    """experiments.learning end to end on the tiny model (two arms, one seed, --quick): each run's results
+    directory holds its config, metrics and final eval; a second call trains only the run whose final
+    eval is missing."""
+    import argparse
+    import experiments
+    import train
+    monkeypatch.chdir(tmp_path)  # runs/ land here
+    monkeypatch.setattr(experiments, "ARMS", {"spear": ["--algo", "spear"], "grpo": ["--algo", "grpo"]})
+    monkeypatch.setattr(experiments, "PAIRS", [("spear", "grpo")])
+    a = argparse.Namespace(env="math", model="tiny-random", quick=True, seeds=[0], out=str(tmp_path / "res"),
+                           steps=1, eval_every=1, final_n=4)
+    experiments.learning(a)
+    for arm in ("spear", "grpo"):
+        d = tmp_path / "res" / f"{arm}-s0"
+        ev = json.loads((d / "final_eval.json").read_text())
+        assert (ev["arm"], ev["seed"], len(ev["per_task"]), ev["checkpoint"].endswith("step_1")) == (arm, 0, 4, True)
+        assert json.loads((d / "config.json").read_text())["algo"] == arm
+        assert [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    (tmp_path / "res" / "grpo-s0" / "final_eval.json").unlink()
+    calls, real_main = [], train.main
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
+    experiments.learning(a)
+    assert len(calls) == 1 and "learning-math-grpo-s0-quick" in calls[0]
+    assert (tmp_path / "res" / "grpo-s0" / "final_eval.json").exists()
+    assert "spear - grpo (seeds [0])" in (tmp_path / "res" / "summary.md").read_text()
