@@ -151,7 +151,7 @@ def learning(a):
         for arm, flags in ARMS.items():
             res_dir = os.path.join(root, f"{arm}-s{seed}")
             if os.path.exists(os.path.join(res_dir, "final_eval.json")):
-                print(f"[bench] {res_dir}: done before, skipped", flush=True)
+                print(f"[learning] {res_dir}: done before, skipped", flush=True)
                 continue
             run_dir = train.main(["--env", a.env, "--model", a.model, "--seed", str(seed), "--steps", str(steps),
                                   "--eval_every", str(every), "--ckpt_every", str(every), "--resume", "auto",
@@ -170,7 +170,7 @@ def learning(a):
             with open(os.path.join(res_dir, ".final_eval.json"), "w") as f:
                 json.dump(res, f, indent=1)
             os.replace(os.path.join(res_dir, ".final_eval.json"), os.path.join(res_dir, "final_eval.json"))
-            print(f"[bench] {res_dir}: held-out pass@1 {res['pass@1']:.3f} on {len(test_tasks)} tasks", flush=True)
+            print(f"[learning] {res_dir}: held-out pass@1 {res['pass@1']:.3f} on {len(test_tasks)} tasks", flush=True)
     table = summarize_learning(root, list(ARMS), a.seeds, PAIRS)
     print(table)
     return {"root": root, "steps": steps, "seeds": a.seeds, "final_n": len(test_tasks)}
