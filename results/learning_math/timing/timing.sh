@@ -1,7 +1,7 @@
 #!/bin/bash
 # idle-machine wall-clock of the comparison's seed-0 SPEAR and Dr.BoT runs, same commit and flags
 cd /work/wt-cmp
-for arm in spear drbot; do
+for arm in ${ARMS:-spear drbot}; do
   rm -rf runs/timing-$arm-s0
   s=$(date +%s.%N)
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 /work/venv/bin/python train.py --env math --model smollm2-135m --seed 0 --steps 14 \
