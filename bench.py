@@ -269,7 +269,7 @@ def bench_spear_overhead(a):
         cfg = config.parse_args(base + ["--algo", algo])
         model.load_state_dict(init)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        buf = train.ReplayBuffer(cfg.trajectory_buffer_size)
+        buf = train.make_buffer(cfg)
         replay = [Sample(tokens=t.tokens, loss_mask=t.loss_mask, old_logp=t.logprobs, reward=1.0, advantage=1.0)
                   for t in (batch * 8)[:n_replay]]
         buf.maybe_replay = lambda step, generator=None: copy.deepcopy(replay)

@@ -158,12 +158,12 @@ def learning(a):
                                   "--run_name", f"learning-{a.env}-{arm}-s{seed}" + ("-quick" if a.quick else ""),
                                   *(small if a.quick else []),
                                   *flags])
-            t0 = time.time()
-            model, tok = load_model(latest_checkpoint(run_dir), dtype=torch.float32)
+            t0, ckpt = time.time(), latest_checkpoint(run_dir)
+            model, tok = load_model(ckpt, dtype=torch.float32)
             res = evaluate(model, tok, a.env, test_tasks, k=0, max_turns=cfg.max_turns,
                            max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
             res.update(arm=arm, seed=seed, flags=flags, commit=git_commit(), machine=machine(),
-                       checkpoint=latest_checkpoint(run_dir), eval_s=time.time() - t0)
+                       checkpoint=ckpt, eval_s=time.time() - t0)
             os.makedirs(res_dir, exist_ok=True)
             for name in ("config.json", "metrics.jsonl"):
                 shutil.copy(os.path.join(run_dir, name), res_dir)
@@ -174,7 +174,6 @@ def learning(a):
     table = summarize_learning(root, list(ARMS), a.seeds, PAIRS)
     print(table)
     return {"root": root, "steps": steps, "seeds": a.seeds, "final_n": len(test_tasks)}
-
 
 
 CURVES = {"entropy": ("token entropy", "policy entropy"),  # metrics.jsonl key -> the plot's labels
