@@ -33,6 +33,12 @@ class Config:
     temperature: float = 0.7  # CPU default (at 1.0 the bundled model's groups all fail); paper: 1.0
     top_p: float = 1.0
     micro_token_budget: int = 4096  # max padded tokens per micro-batch (memory stays bounded)
+    # the update (verl names): one optimizer step per mini-batch of prompts, then per replay mini-batch
+    ppo_mini_batch_size: int | None = None  # prompts per mini-batch (x n sequences); default: math P // 2 (the
+    #                                         official 4 / 2 and 128 / 64), agent envs P (their scripts: one)
+    ppo_epochs: int = 1
+    sil_update: str = "separate"  # separate: replay mini-batches take their own steps (official) | summed:
+    #                               one step on L_on + lambda(s) L_SIL (one mini-batch, one epoch)
     # optimizer
     lr: float = 1e-5  # paper: 1e-6 for 1.5B-32B models over 200+ steps
     weight_decay: float = 0.01
@@ -103,6 +109,8 @@ def finalize(cfg: Config) -> Config:
     cfg.max_toolcall_steps = cfg.max_toolcall_steps or cfg.steps
     cfg.max_replay_loss_steps = cfg.max_replay_loss_steps or cfg.steps
     cfg.trajectory_buffer_size = cfg.trajectory_buffer_size or max(cfg.train_batch_size * cfg.n // 2, 1)
+    if cfg.ppo_mini_batch_size is None:
+        cfg.ppo_mini_batch_size = max(cfg.train_batch_size // 2, 1) if cfg.env == "math" else cfg.train_batch_size
     cfg.run_name = cfg.run_name or f"{cfg.env}-{cfg.algo}-s{cfg.seed}"
     errors = []
     if cfg.env not in ENV_NAMES:
@@ -127,6 +135,14 @@ def finalize(cfg: Config) -> Config:
            cfg.max_nonfinite_steps) < 1:
         errors.append("--steps, --train_batch_size, --max_turns, --max_turn_tokens, --ckpt_every, --keep_ckpts and "
                       "--max_nonfinite_steps must be >= 1")
+    if min(cfg.ppo_mini_batch_size, cfg.ppo_epochs) < 1:
+        errors.append("--ppo_mini_batch_size and --ppo_epochs must be >= 1")
+    if cfg.sil_update not in ("separate", "summed"):
+        errors.append(f"--sil_update must be separate or summed, got {cfg.sil_update!r}")
+    elif cfg.sil_update == "summed" and (cfg.ppo_mini_batch_size < cfg.train_batch_size or cfg.ppo_epochs != 1):
+        errors.append(f"--sil_update summed takes ONE optimizer step per batch: it needs --ppo_mini_batch_size >= "
+                      f"--train_batch_size ({cfg.train_batch_size}) and --ppo_epochs 1, got "
+                      f"{cfg.ppo_mini_batch_size} and {cfg.ppo_epochs}")
     if cfg.micro_token_budget < cfg.max_total_tokens:
         errors.append(f"--micro_token_budget {cfg.micro_token_budget} cannot hold one sequence of up to "
                       f"--max_total_tokens {cfg.max_total_tokens}; raise it to at least {cfg.max_total_tokens}")

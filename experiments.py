@@ -60,7 +60,9 @@ def sil_check(a):
         return (logp * mask).sum(1) / mask.sum(1)
 
     before = loglik()
-    _, m, gnorm, finite = update.optimizer_step(LogProbs(model), model, opt, [], seqs, 1.0, cfg, gens["loss"], device)
+    cfg.ppo_mini_batch_size, cfg.ppo_epochs, cfg.sil_update = cfg.train_batch_size, 1, "summed"  # ONE step
+    _, m, up = update.update_policy(LogProbs(model), model, opt, [], [], seqs, 1.0, cfg, gens["loss"], device)
+    gnorm, finite = up["grad_norm"], up["finite"]
     after = loglik()
     return {"checkpoint": a.ckpt, "step": step, "stored": stored, "replayed": len(seqs), "baseline_p50": baseline,
             "advantages": [s.advantage for s in seqs], "rewards": [s.reward for s in seqs],

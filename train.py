@@ -7,9 +7,9 @@
 
 One step (`train_step`; README "One step"): P tasks -> P x G rollouts -> shaped reward R = outcome + w(s) b
 -> response filters -> std group filter -> advantages -> replay drawn from earlier wins (SPEAR) -> one
-optimizer step on L = L_on + lambda(s) L_SIL -> admit this step's wins to the buffer -> metrics. The
-optimizer step's machinery (micro-batches, rank shards, metric reduction) is in update.py; the flags
-and the --algo bundles in config.py.
+optimizer step per on-policy mini-batch on L_on, then per replay mini-batch on lambda(s) L_SIL -> admit
+this step's wins to the buffer -> metrics. The update's machinery (old log-probs, mini-batches,
+micro-batches, rank shards, metric reduction) is in update.py; the flags and the --algo bundles in config.py.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import distributed
 from model import LogProbs, ModelNotFound, autocast, load_model
 from chat import ChatFormat
 from rollout import Trajectory, rollout
-from update import optimizer_step
+from update import update_policy
 
 
 def seed_all(seed: int) -> None:
@@ -74,15 +74,15 @@ def train_step(step: int, model, tok, fmt, opt, buffer: ReplayBuffer, tasks: lis
     replay = buffer.maybe_replay(step, generator=gens["buffer"]) if cfg.use_replay else []  # 7. A' = R - p50 > 0
     lam = sil_coef(step, cfg.max_replay_loss_steps, cfg.replay_loss_coef) if cfg.use_replay else 0.0
     t1 = time.time()
-    m_on, m_sil, gnorm, finite = optimizer_step(policy, model, opt, on, replay, lam, cfg, gens["loss"],
-                                                device)  # 8. one step on L_on + lambda(s) L_SIL
-    t_train = time.time() - t1
+    m_on, m_sil, up = update_policy(policy, model, opt, on, [trajs[i].group for i in train], replay, lam, cfg,
+                                    gens["loss"], device)  # 8. mini-batch steps on L_on, then lambda(s) L_SIL
+    t_train, finite = time.time() - t1, up.pop("finite")
     if cfg.use_replay and finite:  # 9. admit the wins (A > 0; math: and >= 1 tool call), record the groups
         buffer.add([s for s, i in zip(on, train) if s.advantage > 0 and (cfg.env != "math" or trajs[i].n_tool_calls)],
                    step)
         buffer.observe_groups([float(R[[j for j, g in enumerate(gids) if g == k]].mean()) for k in sorted(kept)], step)
     m = step_metrics(step, trajs, reasons, kept, on, replay, m_on, m_sil, device)  # 10. metrics
-    m.update(w_toolcall=w, lambda_sil=lam, infra_errors=n_infra, grad_norm=gnorm, skipped=int(not finite),
+    m.update(up, w_toolcall=w, lambda_sil=lam, infra_errors=n_infra, skipped=int(not finite),
              rollout_tok_s=m["response_length"] * len(trajs) / max(t_roll, 1e-9), rollout_s=t_roll, train_s=t_train,
              train_tok_s=(m_on.get("trained_tokens", 0) + m_sil.get("trained_tokens", 0)) / max(t_train, 1e-9),
              step_s=time.time() - t0)
