@@ -45,6 +45,8 @@ class Trajectory:
     n_invalid: int = 0
     toolcall_bonus: float = 0.0
     finish: str = ""  # answer | void | max_turns | budget
+    n_cut: int = 0  # sampled turns that ran into their token room (per-turn cap or total budget) unfinished
+    out_of_budget: bool = False  # the total token budget ran out (a turn cut at it, or an observation not fitting)
     void: bool = False
     infra_error: bool = False
     reward: float = 0.0  # shaped R, filled in by the trainer
@@ -354,6 +356,7 @@ def _record_turn(trajs, sampled: dict[int, SampledTurn], tok) -> None:
         t.loss_mask += [1] * len(turn.tokens)
         t.logprobs += turn.logprobs
         t.n_turns += 1
+        t.n_cut += turn.cut
         text = tok.decode(turn.tokens[:-1] if turn.ended_eos else turn.tokens)
         t.turns.append(text)
         t.text += text + "\n"
@@ -366,6 +369,7 @@ def _end_or_observe(trajs, envs, rows, sampled, results, fmt, *, last_turn, max_
     for j, r in enumerate(rows):
         obs, done, info = results[j]
         t = trajs[r]
+        t.out_of_budget = sampled[r].cut and len(t.tokens) >= max_total_tokens
         if done:  # a turn cut by a token cap that leaves no action counts as over budget, not void
             t.finish = ("max_turns" if info.get("truncated") else
                         ("budget" if sampled[r].cut else "void") if envs[r].void else "answer")
@@ -374,7 +378,7 @@ def _end_or_observe(trajs, envs, rows, sampled, results, fmt, *, last_turn, max_
         else:
             suffix = fmt.observation(obs, sampled[r].ended_eos)
             if len(t.tokens) + len(suffix) + 1 > max_total_tokens:
-                t.finish = "budget"
+                t.finish, t.out_of_budget = "budget", True
             else:
                 t.tokens += suffix
                 t.loss_mask += [0] * len(suffix)

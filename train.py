@@ -65,7 +65,7 @@ def train_step(step: int, model, tok, fmt, opt, buffer: ReplayBuffer, tasks: lis
     for t in trajs:  # 3. shaped reward R = outcome + w(s) b, used everywhere downstream
         t.reward = t.outcome + w * t.toolcall_bonus
     R, gids = torch.tensor([t.reward for t in trajs]), [t.group for t in trajs]  # (N,)
-    reasons = filter_reasons(trajs, cfg.response_filters)  # 4. response filters: loss mask 0, kept in the groups
+    reasons = filter_reasons(trajs, cfg.response_filters, cfg.env)  # 4. response filters: mask 0, kept in groups
     kept = set(std_group_filter(R, gids, cfg.rollout_filter_ratio))  # 5. std group filter
     A = group_advantages(R, gids, cfg.norm_adv_by_std_in_grpo)  # 6. A = R - mean_g R (GRPO: / std_g R)
     train = [i for i, t in enumerate(trajs) if t.group in kept and not reasons[i]]
@@ -114,12 +114,17 @@ def collect_rollouts(step: int, model, tok, fmt, tasks: list[dict], cfg: Config,
     return [t for t in trajs if not t.infra_error], sum(t.infra_error for t in trajs)
 
 
-def filter_reasons(trajs: list[Trajectory], enabled: str) -> list[list[str]]:
-    """The enabled response filters (a comma list of loss.FILTERS, or none) each trajectory trips."""
-    on = set(enabled.split(","))
-    return [[r for r in response_filter_reasons(finish=t.finish, void=t.void, text="".join(t.turns),
-                                                token_ids=[x for x, m in zip(t.tokens, t.loss_mask) if m])
-             if r in on] for t in trajs]
+def filter_reasons(trajs: list[Trajectory], enabled: str, env: str) -> list[list[str]]:
+    """The enabled response filters (a comma list of loss.FILTERS, or none) each trajectory trips. Math's
+    response is everything after the prompt; an agent's is its sampled steps (loss.response_filter_reasons)."""
+    on, agent = set(enabled.split(",")), env != "math"
+    out = []
+    for t in trajs:
+        ids, text = ([x for x, m in zip(t.tokens, t.loss_mask) if m], "".join(t.turns)) if agent else \
+            (t.tokens[t.prompt_len:], t.text)
+        out.append([r for r in response_filter_reasons(ids, text, finish=t.finish, void=t.void, n_cut=t.n_cut,
+                                                       out_of_budget=t.out_of_budget, per_step=agent) if r in on])
+    return out
 
 
 def step_metrics(step: int, trajs: list[Trajectory], reasons: list[list[str]], kept: set, on: list[Sample],

@@ -110,7 +110,8 @@ def _by_hand(trajs, buffer_before):
     kept = set(std_group_filter(R, gids, 0.75))
     A = group_advantages(R, gids, False)
     on = [i for i, t in enumerate(trajs) if t.group in kept and not response_filter_reasons(
-        finish=t.finish, void=t.void, text="".join(t.turns), token_ids=[x for x, k in zip(t.tokens, t.loss_mask) if k])]
+        t.tokens[t.prompt_len:], t.text, finish=t.finish, void=t.void, out_of_budget=t.out_of_budget, n_cut=t.n_cut,
+        per_step=False)]
     assert on and any(A[i] != 0 for i in on)
     baseline = buffer_before.baseline()
     replay = buffer_before.maybe_replay(S, generator=torch.Generator().manual_seed(1))
