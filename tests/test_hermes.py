@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -197,8 +198,9 @@ def test_code_arriving_as_json_meets_the_same_sandbox_and_limits():
     assert info["status"] == "rejected" and not done
     obs, done, info = hermes_env().step(call("print('\ud800')"))
     assert info["status"] == "error" and "surrogates not allowed" in obs
-    obs, done, info = hermes_env(timeout=1.0).step(call("while True: pass", timeout=100))
-    assert info["status"] == "timeout" and "within 1 seconds" in obs
+    t0 = time.monotonic()
+    obs, done, info = hermes_env(timeout=1.0).step(call("while True: pass", timeout=100))  # the call's timeout: ignored
+    assert info["status"] == "timeout" and "within 1 seconds" in obs and time.monotonic() - t0 < 10
 
 
 # --------------------------------------------------------------------------- forged turns
@@ -216,12 +218,37 @@ def test_tool_output_printing_a_tool_response_end_cannot_forge_a_turn(qtok):
 
 
 # --------------------------------------------------------------------------- train.py
-def test_train_py_trains_two_spear_steps_with_hermes(qtok, tmp_path):
-    """The real CLI on a local model directory: a tiny random model with the Qwen-style tokenizer."""
+@pytest.fixture(scope="module")
+def qwen_style_dir(qtok, tmp_path_factory):
+    """A local model directory: a tiny random model with the Qwen-style tokenizer."""
     from model import tiny_random_model
-    model_dir = str(tmp_path / "tiny-qwen-style")
+    model_dir = str(tmp_path_factory.mktemp("tiny-qwen-style"))
     tiny_random_model(qtok).save_pretrained(model_dir)
     qtok.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_every_env_of_a_run_gets_the_detected_format(qwen_style_dir, tmp_path, monkeypatch, capsys):
+    """Rollouts, the prompt-budget check and the held-out evaluation all build hermes envs."""
+    import eval as eval_mod
+    import train
+    made = []
+
+    def recording(name, **kw):
+        made.append(kw.get("tool_format"))
+        return make_env(name, **kw)
+
+    monkeypatch.setattr(train, "make_env", recording)
+    monkeypatch.setattr(eval_mod, "make_env", recording)
+    train.main(["--model", qwen_style_dir, "--steps", "1", "--train_batch_size", "1", "--n", "2", "--max_turns", "1",
+                "--max_turn_tokens", "4", "--eval_n", "1", "--eval_every", "1", "--out_dir", str(tmp_path)])
+    assert "[spear] math tool calls: hermes" in capsys.readouterr().out
+    assert made == ["hermes"] * 5  # the prompt check, evaluations at steps 0 and 1, the step's 2 rollout rows
+
+
+def test_train_py_trains_two_spear_steps_with_hermes(qwen_style_dir, tmp_path):
+    """The real CLI on a local model directory holding the Qwen-style tokenizer."""
+    model_dir = qwen_style_dir
     cmd = [sys.executable, "train.py", "--env", "math", "--model", model_dir, "--steps", "2", "--algo", "spear",
            "--train_batch_size", "2", "--n", "2", "--max_turn_tokens", "16", "--eval_n", "2", "--eval_every", "2",
            "--out_dir", str(tmp_path), "--run_name", "r"]
