@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from chat import tool_format
-from envs import ENV_NAMES, load_tasks, make_env
+from envs import ENV_NAMES, TOOL_FORMATS, load_tasks, make_env
 from rollout import rollout
 
 
@@ -163,7 +163,7 @@ def main(argv=None):
     p.add_argument("--split", default="test")
     p.add_argument("--data", default=None, help="math: JSONL of {question, answer} instead of generated tasks; "
                    "alfworld: the ALFWorld data folder (default $ALFWORLD_DATA; generated games without it)")
-    p.add_argument("--tool_format", choices=("hermes", "markdown"), default=None, help="math: the tool-call format "
+    p.add_argument("--tool_format", choices=TOOL_FORMATS, default=None, help="math: the tool-call format "
                    "(default: hermes if the model's chat template renders tools, else markdown; README)")
     p.add_argument("--n", type=int, default=64, help="number of tasks")
     p.add_argument("--k", type=int, default=4, help="samples per task for avg@k / pass@k (0: greedy only)")
