@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, fields
 
 from checkpoint import MARKER
-from envs import ENV_NAMES
+from envs import ENV_NAMES, TOOL_FORMATS
 from loss import AGG_MODES, FILTERS, LOSS_MODES
 
 
@@ -19,6 +19,7 @@ class Config:
     env: str = "math"
     model: str = "smollm2-135m"
     data: str | None = None  # math: JSONL of {question, answer} for the train split; alfworld: the data folder
+    tool_format: str | None = None  # math: hermes | markdown; default hermes if the chat template has tools (README)
     algo: str = "spear"  # grpo | drbot | spear (a bundle of the defaults below)
     run_name: str | None = None
     out_dir: str = "runs"
@@ -115,6 +116,8 @@ def finalize(cfg: Config) -> Config:
     errors = []
     if cfg.env not in ENV_NAMES:
         errors.append(f"unknown --env {cfg.env!r}; choose one of {', '.join(ENV_NAMES)}")
+    if cfg.tool_format is not None and (cfg.tool_format not in TOOL_FORMATS or cfg.env != "math"):
+        errors.append(f"--tool_format is for --env math, one of {', '.join(TOOL_FORMATS)}; got {cfg.tool_format!r}")
     if cfg.n < 2:
         errors.append(f"--n (group size) must be >= 2 for group-relative advantages, got {cfg.n}")
     if not 0 < cfg.rollout_filter_ratio <= 1:

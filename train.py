@@ -33,8 +33,8 @@ from envs import load_tasks, make_env
 from loss import FILTERS, group_advantages, response_filter_reasons, std_group_filter
 import distributed
 from model import LogProbs, ModelNotFound, autocast, load_model
-from chat import ChatFormat
-from rollout import Trajectory, rollout
+from chat import ChatFormat, tool_format
+from rollout import Trajectory, env_prompt, rollout
 from update import update_policy
 
 
@@ -104,14 +104,20 @@ def collect_rollouts(step: int, model, tok, fmt, tasks: list[dict], cfg: Config,
     a sandbox failure is never scored as a wrong answer."""
     model.eval()
     mine = distributed.shard(step_tasks(tasks, step, cfg.train_batch_size, cfg.seed))
+    env_fn = functools.partial(make_env, cfg.env, **env_kwargs(cfg))
     with autocast(device), distributed.full_weights(policy):
-        trajs = rollout(model, tok, mine, functools.partial(make_env, cfg.env), cfg.n, max_turns=cfg.max_turns,
+        trajs = rollout(model, tok, mine, env_fn, cfg.n, max_turns=cfg.max_turns,
                         max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens,
                         temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, fmt=fmt,
                         group_offset=distributed.rank() * len(mine))
     crash_point("after_rollout", step)  # test hook (checkpoint.py)
     trajs = distributed.gather(trajs)
     return [t for t in trajs if not t.infra_error], sum(t.infra_error for t in trajs)
+
+
+def env_kwargs(cfg: Config) -> dict:
+    """make_env's keyword arguments for the run's env: math's tool-call format."""
+    return {"tool_format": cfg.tool_format} if cfg.env == "math" else {}
 
 
 def filter_reasons(trajs: list[Trajectory], enabled: str, env: str) -> list[list[str]]:
@@ -165,7 +171,7 @@ def held_out_eval(model, tok, cfg: Config, test_tasks, policy) -> dict:
     r = None
     with distributed.full_weights(policy):
         if distributed.rank() == 0:
-            r = evaluate(model, tok, cfg.env, test_tasks, k=0, max_turns=cfg.max_turns,
+            r = evaluate(model, tok, cfg.env, test_tasks, k=0, env_kw=env_kwargs(cfg), max_turns=cfg.max_turns,
                          max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
         distributed.barrier()
     if r is None:
@@ -179,7 +185,8 @@ def check_prompt_budget(cfg: Config, fmt, tasks) -> None:
     """Every prompt the run will draw (steps 1..--steps) plus one sampled token must fit --max_total_tokens.
     Checked before step 1, so that a long prompt cannot stop a run hours in."""
     drawn = {t["id"]: t for s in range(1, cfg.steps + 1) for t in step_tasks(tasks, s, cfg.train_batch_size, cfg.seed)}
-    lengths = {i: len(fmt.prompt(make_env(cfg.env).reset(t))) for i, t in drawn.items()}
+    env = make_env(cfg.env, **env_kwargs(cfg))
+    lengths = {i: len(env_prompt(fmt, env, t)) for i, t in drawn.items()}
     longest = max(lengths, key=lengths.get)
     n_over = sum(n + 1 > cfg.max_total_tokens for n in lengths.values())
     if n_over:
@@ -200,6 +207,9 @@ def load_inputs(cfg: Config, ckpt: str | None, device, run_dir: str | None) -> t
         # fp32 master weights everywhere (lr 1e-6 updates vanish in bf16 weights); bf16 autocast on GPU
         model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
         fmt = ChatFormat(tok)
+        if cfg.env == "math":  # hermes where the chat template renders tools (Qwen2.5), else markdown (README)
+            cfg.tool_format = tool_format(tok, cfg.tool_format)
+            print(f"[spear] math tool calls: {cfg.tool_format}", flush=True)
         check_prompt_budget(cfg, fmt, tasks)
         if cfg.env == "math" and cfg.sandbox == "strict":  # refuse a weaker jail (README: Security); otherwise
             import sandbox  # the pool logs its isolation level when it starts
