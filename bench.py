@@ -234,8 +234,10 @@ def bench_train(a):
 
 def bench_spear_overhead(a):
     """Step time of SPEAR vs Dr.BoT on ONE shared rollout batch (rollout timed once, identical for both):
-    the update phase (filters, advantages, Clip-Cov, buffer bookkeeping, fwd+bwd, optimizer) with no
-    replay, then SPEAR with a replay batch of R stored trajectories (the first R of the batch, cycled).
+    the update phase (filters, advantages, Clip-Cov, buffer bookkeeping, old log-probs, fwd+bwd, optimizer
+    steps) with no replay, then SPEAR with a replay batch of R stored trajectories (the first R of the batch,
+    cycled). Dr.BoT runs twice: with the default two mini-batches (old log-probs from an extra no-grad
+    forward) and with one mini-batch (old = current, no extra forward).
     Equal work: outcomes alternate win/loss within each group and the group/response filters are off,
     so both algorithms train all P*G sequences (a time benchmark: which ones win does not matter)."""
     import copy
@@ -265,8 +267,8 @@ def bench_spear_overhead(a):
     real_rollout = train.rollout
     train.rollout = lambda *args, **kw: copy.deepcopy(batch)  # every step below trains on the same batch
 
-    def run(algo, n_replay):
-        cfg = config.parse_args(base + ["--algo", algo])
+    def run(algo, n_replay, flags=()):
+        cfg = config.parse_args(base + ["--algo", algo, *flags])
         model.load_state_dict(init)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         buf = train.make_buffer(cfg)
@@ -277,18 +279,21 @@ def bench_spear_overhead(a):
         for step in range(1, steps + 1):
             m, _ = train.train_step(step + 50, model, tok, fmt, opt, buf, tasks, cfg, gens, device)
             times.append(m["step_s"])
-        return {"update_s": statistics.median(times), "trained_tokens": m.get("trained_tokens", 0),
+        return {"update_s": statistics.median(times), "old_logp_s": m["old_logp_s"],
+                "optimizer_steps": m["optimizer_steps"], "trained_tokens": m.get("trained_tokens", 0),
                 "sil_trained_tokens": m.get("sil_trained_tokens", 0), "lambda_sil": m["lambda_sil"]}
 
     try:
         run("drbot", 0)  # warm-up (first-call allocations), not reported
         res = {"P": P, "G": G, "rollout_s": t_roll, "sampled_tokens": sum(t.n_sampled for t in batch),
+               "drbot_one_step": run("drbot", 0, ["--ppo_mini_batch_size", str(P)]),  # no extra forward
                "drbot": run("drbot", 0), "spear": run("spear", 0)}
         for r in replays:
             res[f"spear_replay{r}"] = run("spear", r)
     finally:
         train.rollout = real_rollout
     d = res["drbot"]["update_s"]
+    res["drbot"]["update_ratio_vs_one_step"] = d / res["drbot_one_step"]["update_s"]
     for k in [k for k in res if k.startswith("spear")]:
         res[k]["update_ratio"] = res[k]["update_s"] / d
         res[k]["step_ratio"] = (t_roll + res[k]["update_s"]) / (t_roll + d)
