@@ -1,9 +1,9 @@
 """Atomic, resumable checkpoints: runs/<name>/checkpoints/step_N/.
 
 A checkpoint directory holds HF `save_pretrained` weights + tokenizer (so it is itself a valid
-`--model`) and `trainer_state.pt`: optimizer, step, every RNG state (python, numpy, torch, cuda, and
-the run's own generators), the replay buffer, config and counters. The schedules of curriculum.py are
-pure functions of the step, so the step is their whole state.
+`--model`) and `trainer_state.pt`: optimizer, step, every RNG state (python, numpy, torch, the current
+CUDA device's, and the run's own generators), the replay buffer, config and counters. The schedules of
+curriculum.py are pure functions of the step, so the step is their whole state.
 
 Writing is atomic: temp dir -> fsync every file -> COMMITTED marker -> fsync -> rename -> fsync the
 parent. A crash at any point leaves either the previous checkpoints or a `.tmp-*` dir that the loader
@@ -119,8 +119,10 @@ def _fsync_dir(path: str) -> None:
 
 
 def rng_state(gens: dict) -> dict:
+    """Every RNG state of this process; for CUDA only the current device's (the one this rank uses), so a
+    run resumes with any number of visible GPUs."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "gens": {k: g.get_state() for k, g in gens.items()}}
 
 
@@ -128,8 +130,12 @@ def set_rng_state(s: dict, gens: dict) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s["cuda"]
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # older checkpoints: one state per GPU visible to the saving process
+            i = torch.cuda.current_device()
+            cuda = cuda[i] if i < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
     for k, g in gens.items():
         g.set_state(s["gens"][k])
 
@@ -222,11 +228,13 @@ def _failed(e: BaseException, step: int, d: str, model, prev: str) -> str:
 
 def load_checkpoint(path: str, opt, buffer, gens: dict, policy=None) -> dict:
     """Restore optimizer, buffer and RNG states (the weights are loaded as --model from `path`). `policy`:
-    the trainer module (LogProbs, FSDP-wrapped or not); every rank calls this."""
+    the trainer module (LogProbs, FSDP-wrapped or not); every rank calls this. The state is read onto the
+    CPU (a GPU run's checkpoint loads on any host, and no rank fills GPU 0 with it); the optimizer moves
+    its moments to the parameters' device in load_state_dict."""
     if not os.path.exists(os.path.join(path, MARKER)):
         raise FileNotFoundError(f"{path} is not a committed checkpoint (no {MARKER} marker). "
                                 f"Fix: pass a complete checkpoint dir, or --resume auto to pick the newest one.")
-    s = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    s = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
     if os.path.isdir(os.path.join(path, "optim")):  # saved under FSDP: re-shard for this run
         distributed.load_optimizer(policy, opt, os.path.join(path, "optim"))
     elif policy is not None and distributed.is_fsdp(policy):  # saved whole, continued under FSDP

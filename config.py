@@ -83,6 +83,10 @@ class Config:
     fsdp: bool = False  # under torchrun: FSDP2 (shard weights, grads, Adam state) instead of DDP
     samples_per_step: int = 2
     sandbox: str = "default"  # math: default (run with the isolation layers this machine has) | strict
+    # precision, memory and processes on GPUs (README "GPU")
+    autocast: str | None = None  # bf16 (autocast over fp32 weights) | none (fp32); default: bf16 on CUDA, none on CPU
+    enable_gradient_checkpointing: bool = False  # verl's name: recompute each layer in backward (training forward only)
+    dist_timeout_min: float = 60.0  # torchrun collectives' timeout (NCCL's 10 min: short while rank 0 alone evaluates)
 
 
 ALGOS = {  # the three bundles (README: "The algorithms")
@@ -154,6 +158,10 @@ def finalize(cfg: Config) -> Config:
                       f"{cfg.resume!r} is none of these")
     if cfg.sandbox not in ("default", "strict"):
         errors.append(f"--sandbox must be default or strict, got {cfg.sandbox!r}")
+    if cfg.autocast not in (None, "bf16", "none"):
+        errors.append(f"--autocast must be bf16 or none, got {cfg.autocast!r}")
+    if cfg.dist_timeout_min <= 0:
+        errors.append(f"--dist_timeout_min must be > 0, got {cfg.dist_timeout_min}")
     if errors:
         raise SystemExit("error: invalid configuration:\n  " + "\n  ".join(errors))
     return cfg

@@ -14,6 +14,7 @@ tokens per micro-batch, so only they depend on the partition. README, "Multiple 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -21,14 +22,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def init(device: torch.device | None) -> tuple[int, int, torch.device | None]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): (rank, world, device)."""
+def init(device: torch.device | None, timeout_min: float = 60.0) -> tuple[int, int, torch.device | None]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): (rank, world, device). A collective
+    waits up to `timeout_min` minutes (--dist_timeout_min) for the slowest rank, e.g. while rank 0 alone evaluates."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
     cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -68,7 +68,7 @@ def evaluate(model, tok, env_name: str, tasks: list[dict], *, k: int = 0, temper
     res["per_task"] = {t.task_id: int(t.success) for t in greedy}  # for paired comparisons on the same tasks
     if k > 0:
         t0 = time.time()
-        g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # rollout seeds on the CPU, for a model on any device
         sampled = rollout(model, tok, tasks, env_fn, k, temperature=temperature, top_p=top_p, generator=g, **budgets)
         res["sampled"] = summarize(sampled, k)
         res[f"avg@{k}"], res[f"pass@{k}"] = res["sampled"]["success"], res["sampled"][f"pass@{k}"]

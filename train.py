@@ -32,7 +32,7 @@ from config import Config, parse_args
 from envs import load_tasks, make_env
 from loss import FILTERS, group_advantages, response_filter_reasons, std_group_filter
 import distributed
-from model import LogProbs, ModelNotFound, autocast, load_model
+from model import LogProbs, ModelNotFound, autocast, gradient_checkpointing, load_model
 from chat import ChatFormat, tool_format
 from rollout import Trajectory, env_prompt, rollout
 from update import update_policy
@@ -105,7 +105,7 @@ def collect_rollouts(step: int, model, tok, fmt, tasks: list[dict], cfg: Config,
     model.eval()
     mine = distributed.shard(step_tasks(tasks, step, cfg.train_batch_size, cfg.seed))
     env_fn = functools.partial(make_env, cfg.env, **env_kwargs(cfg))
-    with autocast(device), distributed.full_weights(policy):
+    with autocast(device, cfg.autocast), distributed.full_weights(policy):
         trajs = rollout(model, tok, mine, env_fn, cfg.n, max_turns=cfg.max_turns,
                         max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens,
                         temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, fmt=fmt,
@@ -164,12 +164,12 @@ def _rss() -> int:
 
 
 def held_out_eval(model, tok, cfg: Config, test_tasks, policy) -> dict:
-    """Greedy held-out metrics, evaluated by rank 0 on whole weights ({} on the other ranks). Every rank
-    calls it: under FSDP gathering the weights is collective."""
+    """Greedy held-out metrics, evaluated by rank 0 on whole weights ({} on the other ranks), under the
+    training rollouts' autocast. Every rank calls it: under FSDP gathering the weights is collective."""
     from eval import evaluate
     model.eval()
     r = None
-    with distributed.full_weights(policy):
+    with distributed.full_weights(policy), autocast(next(model.parameters()).device, cfg.autocast):
         if distributed.rank() == 0:
             r = evaluate(model, tok, cfg.env, test_tasks, k=0, env_kw=env_kwargs(cfg), max_turns=cfg.max_turns,
                          max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
@@ -239,7 +239,7 @@ def main(argv=None) -> str:
     from tqdm import tqdm
     run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     seed_all(cfg.seed)
-    rank, world, device = distributed.init(torch.device(cfg.device) if cfg.device else None)
+    rank, world, device = distributed.init(torch.device(cfg.device) if cfg.device else None, cfg.dist_timeout_min)
     if cfg.train_batch_size % world:
         raise SystemExit(f"error: --train_batch_size {cfg.train_batch_size} does not split over {world} ranks. "
                          f"Fix: a multiple of the number of processes.")
@@ -251,7 +251,9 @@ def main(argv=None) -> str:
     tasks, test_tasks, model, tok, fmt = load_inputs(cfg, ckpt, device, run_dir if rank == 0 else None)
     distributed.barrier()
     device = next(model.parameters()).device
-    policy = distributed.wrap(LogProbs(model), fsdp=cfg.fsdp)
+    if cfg.enable_gradient_checkpointing:
+        gradient_checkpointing(model)
+    policy = distributed.wrap(LogProbs(model, cfg.autocast), fsdp=cfg.fsdp)
     fsdp = distributed.is_fsdp(policy)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     buffer = make_buffer(cfg)

@@ -143,7 +143,7 @@ def old_log_probs(policy, seqs: list[Sample], cfg, device) -> dict:
     old, kl, n = {}, 0.0, 0.0
     for mb, pad in micro_batches(policy, seqs, trained(seqs, cfg), cfg, device, backward=False):
         mask = pad("loss_mask", 0)
-        with autocast(device):
+        with autocast(device, cfg.autocast):
             logp, _ = policy(pad("tokens", 0), mask, temperature=cfg.temperature)  # (b, T) fp32
         kl += float(((pad("sampler_logp", 0.0) - logp) * mask).sum())
         n += float(mask.sum())
@@ -185,7 +185,7 @@ def loss_terms(policy, seqs: list[Sample], cfg, coef: float, replay: bool, gen: 
     old_logps: dict[int, list[float]] = {}
     for mb, pad in micro_batches(policy, seqs, work, cfg, device):
         ids, mask = pad("tokens", 0), pad("loss_mask", 0)
-        with autocast(device), distributed.no_sync(policy):
+        with autocast(device, cfg.autocast), distributed.no_sync(policy):
             logp, ent = policy(ids, mask, temperature=cfg.temperature)  # (b, T) fp32
         old = logp.detach() if fill_old else pad("old_logp", 0.0)  # (b, T)
         adv = torch.tensor([seqs[i].advantage for i in mb], device=device, dtype=torch.float32)  # (b,)
