@@ -8,6 +8,7 @@ the CPU recipe's calibration, self-imitation checked on a real replay batch, and
     python experiments.py learning [--env math] GRPO, Dr.BoT, SPEAR and two SPEAR ablations x 3 seeds, final
                                                 checkpoints on 128 held-out tasks; resumable, skips finished
                                                 runs; writes results/learning_<env>/ and its summary
+    python experiments.py calibrate-sparse      the sparse regime (experiments_sparse.py, README "Sparse regime")
 
 Results are printed and appended to results/bench.jsonl with the machine description, as bench.py's.
 """
@@ -80,39 +81,56 @@ CALIBRATION = {  # candidate CPU recipes at the same rollout budget (32 rows a s
 }
 
 
+def step_groups(model, tok, fmt, tasks: list[dict], n_steps: int, P: int, G: int, temperature: float, budgets: dict,
+                env_kw: dict | None = None) -> list[list]:
+    """The groups a run would sample at steps 1..n_steps from the model as it is: each step's P tasks of
+    `tasks` as train.py draws them (seed 0) x G rollouts, the sampler seeded by the step. budgets:
+    max_turns, max_turn_tokens, max_total_tokens; env_kw: the math env's (the prompt)."""
+    from envs import make_env
+    from rollout import rollout
+    from train import step_tasks
+    groups = []
+    for step in range(1, n_steps + 1):
+        trajs = rollout(model, tok, step_tasks(tasks, step, P, 0), functools.partial(make_env, "math", **(env_kw or {})),
+                        G, temperature=temperature, generator=torch.Generator().manual_seed(step), fmt=fmt, **budgets)
+        groups += [trajs[i:i + G] for i in range(0, len(trajs), G)]
+    return groups
+
+
+def group_signal(groups: list[list]) -> dict:
+    """What a group-relative update can learn from: groups with mixed outcomes, groups whose shaped reward
+    varies at w = 1 (R = outcome + b), sampled success and tool use (fraction of rollouts with a tool call)."""
+    rows = [t for g in groups for t in g]
+    return {"groups": len(groups), "rows": len(rows),
+            "mixed_outcome_groups": sum(len({t.outcome for t in g}) > 1 for g in groups) / len(groups),
+            "nonzero_shaped_var_groups": sum(len({t.outcome + t.toolcall_bonus for t in g}) > 1
+                                             for g in groups) / len(groups),
+            "sampled_success": sum(t.success for t in rows) / len(rows),
+            "tool_use_rate": sum(t.n_tool_calls > 0 for t in rows) / len(rows)}
+
+
+def budgets(cfg: Config) -> dict:
+    """A config's rollout budgets, as rollout() and evaluate() take them."""
+    return dict(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
+
+
 def calibrate(a):
     """Signal in the CPU miniature: group-relative methods learn only from groups whose rewards differ.
     For each candidate recipe, the bundled model rolls out the tasks of steps 1..n of the TRAIN split (as
     train.py draws them, seed 0) and we count groups with mixed outcomes, groups with non-zero variance of
     the shaped reward at step 1 (w = 1: R = outcome + b), sampled success and tool use."""
-    from envs import load_tasks, make_env
+    from envs import load_tasks
     from model import load_model
     from chat import ChatFormat
-    from rollout import rollout
-    from train import step_tasks
-    cfg = Config()
     model, tok = load_model(a.model, device="cpu", dtype=torch.float32)
     fmt, out = ChatFormat(tok), {}
     n_steps = 1 if a.quick else 2
     for name, r in CALIBRATION.items():
         if a.recipes and name not in a.recipes.split(","):
             continue
-        tasks, t0, groups = load_tasks("math", "train", seed=0, levels=r["levels"]), time.time(), []
-        for step in range(1, n_steps + 1):
-            trajs = rollout(model, tok, step_tasks(tasks, step, r["P"], 0), functools.partial(make_env, "math"),
-                            r["G"], max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                            max_total_tokens=cfg.max_total_tokens, temperature=r["temperature"],
-                            generator=torch.Generator().manual_seed(step), fmt=fmt)
-            groups += [trajs[i:i + r["G"]] for i in range(0, len(trajs), r["G"])]
-        rows = [t for g in groups for t in g]
-        out[name] = {
-            "groups": len(groups), "rows": len(rows),
-            "mixed_outcome_groups": sum(len({t.outcome for t in g}) > 1 for g in groups) / len(groups),
-            "nonzero_shaped_var_groups": sum(len({t.outcome + t.toolcall_bonus for t in g}) > 1
-                                             for g in groups) / len(groups),
-            "sampled_success": sum(t.success for t in rows) / len(rows),
-            "tool_use_rate": sum(t.n_tool_calls > 0 for t in rows) / len(rows),
-            "seconds": time.time() - t0}
+        tasks, t0 = load_tasks("math", "train", seed=0, levels=r["levels"]), time.time()
+        groups = step_groups(model, tok, fmt, tasks, n_steps, r["P"], r["G"], r["temperature"], budgets(Config()))
+        out[name] = {**group_signal(groups), "seconds": time.time() - t0}
         print(f"[calibrate] {name}: {out[name]}", flush=True)
     return {"steps_per_recipe": n_steps, "recipes": out}
 
@@ -250,22 +268,25 @@ EXPERIMENTS = {"calibrate": calibrate, "sil": sil_check, "learning": learning}
 
 
 def main():
+    import experiments_sparse  # its own file; it builds on this one
+    experiments = {**EXPERIMENTS, "calibrate-sparse": experiments_sparse.calibrate_sparse}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=list(EXPERIMENTS))
+    p.add_argument("name", choices=list(experiments))
     p.add_argument("--env", default="math", help="learning: the env to compare on")
     p.add_argument("--steps", type=int, default=14, help="learning: steps per run (train.py's default)")
     p.add_argument("--eval_every", type=int, default=7, help="learning: held-out eval interval")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                    help="learning: e.g. 0,1,2")
     p.add_argument("--final_n", type=int, default=128, help="learning: held-out tasks for the final evals")
-    p.add_argument("--out", default=None, help="learning: results directory (default results/learning_<env>)")
+    p.add_argument("--out", default=None, help="learning: results directory (default results/learning_<env>); "
+                   "calibrate-sparse: the JSON path (default results/calibration_sparse_math.json)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ckpt", default="runs/learning-math-spear-s0/checkpoints/step_7",
                    help="sil: a SPEAR checkpoint whose buffer triggers at the next step")
     p.add_argument("--recipes", default="", help="calibrate: comma list of CALIBRATION names (default: all)")
     p.add_argument("--model", default="smollm2-135m")
     a = p.parse_args()
-    record({"bench": a.name, "quick": a.quick, "machine": machine(), **EXPERIMENTS[a.name](a)})
+    record({"bench": a.name, "quick": a.quick, "machine": machine(), **experiments[a.name](a)})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from buffer import ReplayBuffer, Sample
 from checkpoint import (StorageError, append_logs, crash_point, latest_checkpoint, load_checkpoint,
                         prepare_run_dir, save_checkpoint, truncate_logs)
 from curriculum import sil_coef, toolcall_weight
-from config import Config, parse_args
+from config import Config, env_kwargs, parse_args, task_kwargs
 from envs import load_tasks, make_env
 from loss import FILTERS, group_advantages, response_filter_reasons, std_group_filter
 import distributed
@@ -105,10 +105,10 @@ def collect_rollouts(step: int, model, tok, fmt, tasks: list[dict], cfg: Config,
     model.eval()
     mine = distributed.shard(step_tasks(tasks, step, cfg.train_batch_size, cfg.seed))
     with autocast(device), distributed.full_weights(policy):
-        trajs = rollout(model, tok, mine, functools.partial(make_env, cfg.env), cfg.n, max_turns=cfg.max_turns,
-                        max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, fmt=fmt,
-                        group_offset=distributed.rank() * len(mine))
+        trajs = rollout(model, tok, mine, functools.partial(make_env, cfg.env, **env_kwargs(cfg)), cfg.n,
+                        max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
+                        max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        generator=gen, fmt=fmt, group_offset=distributed.rank() * len(mine))
     crash_point("after_rollout", step)  # test hook (checkpoint.py)
     trajs = distributed.gather(trajs)
     return [t for t in trajs if not t.infra_error], sum(t.infra_error for t in trajs)
@@ -160,7 +160,7 @@ def held_out_eval(model, tok, cfg: Config, test_tasks, policy) -> dict:
     r = None
     with distributed.full_weights(policy):
         if distributed.rank() == 0:
-            r = evaluate(model, tok, cfg.env, test_tasks, k=0, max_turns=cfg.max_turns,
+            r = evaluate(model, tok, cfg.env, test_tasks, k=0, env_kw=env_kwargs(cfg), max_turns=cfg.max_turns,
                          max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
         distributed.barrier()
     if r is None:
@@ -174,7 +174,7 @@ def check_prompt_budget(cfg: Config, fmt, tasks) -> None:
     """Every prompt the run will draw (steps 1..--steps) plus one sampled token must fit --max_total_tokens.
     Checked before step 1, so that a long prompt cannot stop a run hours in."""
     drawn = {t["id"]: t for s in range(1, cfg.steps + 1) for t in step_tasks(tasks, s, cfg.train_batch_size, cfg.seed)}
-    lengths = {i: len(fmt.prompt(make_env(cfg.env).reset(t))) for i, t in drawn.items()}
+    lengths = {i: len(fmt.prompt(make_env(cfg.env, **env_kwargs(cfg)).reset(t))) for i, t in drawn.items()}
     longest = max(lengths, key=lengths.get)
     n_over = sum(n + 1 > cfg.max_total_tokens for n in lengths.values())
     if n_over:
@@ -189,9 +189,9 @@ def load_inputs(cfg: Config, ckpt: str | None, device, run_dir: str | None) -> t
     """Tasks, model, tokenizer and chat format, every training prompt's length and the sandbox checked, and
     (rank 0) the run dir written: bad input fails here in one line naming the fix, before any work."""
     try:
-        tasks = load_tasks(cfg.env, "train", data=cfg.data, seed=cfg.seed)
+        tasks = load_tasks(cfg.env, "train", data=cfg.data, seed=cfg.seed, **task_kwargs(cfg))
         test_tasks = load_tasks(cfg.env, "test", n=cfg.eval_n, seed=cfg.seed,
-                                data=cfg.data if cfg.env == "alfworld" else None)
+                                data=cfg.data if cfg.env == "alfworld" else None, **task_kwargs(cfg))
         # fp32 master weights everywhere (lr 1e-6 updates vanish in bf16 weights); bf16 autocast on GPU
         model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
         fmt = ChatFormat(tok)
