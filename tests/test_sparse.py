@@ -57,8 +57,8 @@ def test_runs_roll_out_and_evaluate_with_their_prompt(monkeypatch):
     monkeypatch.setattr(train, "rollout", lambda model, tok, tasks, env_fn, *a, **k: seen.update(train=env_fn()) or [])
     train.collect_rollouts(1, model, tok, None, load_tasks("math", "train", n=4), cfg, None, torch.device("cpu"),
                            LogProbs(model))
-    monkeypatch.setattr(eval_mod, "evaluate", lambda *a, env_kw=None, **k: seen.update(eval=env_kw) or
-                        {"pass@1": 0.0, "greedy": {"tool_calls": 0, "tool_use_rate": 0, "turns": 1}, "greedy_seconds": 0})
+    result = {"pass@1": 0.0, "greedy": {"tool_calls": 0, "tool_use_rate": 0, "turns": 1}, "greedy_seconds": 0}
+    monkeypatch.setattr(eval_mod, "evaluate", lambda *a, env_kw=None, **k: seen.update(eval=env_kw) or result)
     train.held_out_eval(model, tok, cfg, [], LogProbs(model))
     assert seen["train"].prompt == "toy" and make_env("math", **seen["eval"]).prompt == "toy"
 
@@ -165,3 +165,107 @@ def test_math_wins_enter_the_buffer_only_with_a_tool_call(monkeypatch, tok):
     assert m["skipped"] == 0 and [t.reward > mean for t in trajs] == [True, True, False, False]  # wins: A > 0
     admitted = {name for name in rows for s in buffer.state_dict()["samples"] if s["tokens"][-1] == token[name]}
     assert admitted == {"win, tool call"}
+
+
+# --------------------------------------------------------------------------- the experiment harness
+CALIBRATION = {"finished": True, "chosen": {"candidate": "toy/L4,5", "prompt": "toy", "levels": [4, 5]},
+               "candidates": [{"candidate": "none/L4,5", "prompt": "none", "levels": [4, 5]},
+                              {"candidate": "toy/L4,5", "prompt": "toy", "levels": [4, 5], "tool_use_rate": 0.25,
+                               "success_with_tool": 0.25}]}  # 32 x 0.25 x 0.25 = 2 tool-using wins a step
+
+
+def test_sparse_flags_carry_the_calibrated_regime_schedules_and_buffer():
+    from experiments_sparse import calibrated_regime, replay_buffer_size, sparse_flags
+    cfg = config.parse_args(sparse_flags(CALIBRATION["candidates"][1], 40))
+    assert (cfg.math_prompt, cfg.levels, cfg.train_batch_size, cfg.n, cfg.temperature) == ("toy", "4,5", 4, 8, 0.7)
+    assert (cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.steps) == (3, 160, 1024, 40)
+    assert (cfg.max_toolcall_steps, cfg.max_replay_loss_steps) == (24, 20)  # 0.6 and 0.5 of the run
+    assert cfg.trajectory_buffer_size == replay_buffer_size(2.0) == 3  # 1.5 x 3 = 4.5 < 3 steps x 2 wins
+    assert [replay_buffer_size(w) for w in (0.1, 1.0, 1.5, 4.0)] == [2, 2, 2, 7]  # 1.5 x size < 3 x wins, >= 2
+    with pytest.raises(SystemExit, match="no candidate .* qualified"):
+        calibrated_regime(_write(CALIBRATION | {"chosen": "none qualified"}))
+    with pytest.raises(SystemExit, match="did not finish"):
+        calibrated_regime(_write(CALIBRATION | {"finished": False}))
+
+
+def _write(obj, path=None):
+    import tempfile
+    path = path or tempfile.mkstemp(suffix=".json")[1]
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+def test_sparse_harness_runs_each_arm_once_resumes_cut_runs_and_skips_finished_ones(tmp_path, monkeypatch, capsys):
+    """experiments_sparse.sparse end to end on the tiny model (--quick, two arms, one seed): each run's results
+    hold its config (the calibrated regime), metrics and final eval on test tasks of the chosen levels; a
+    second call skips finished runs, and a run cut after step 1 resumes from its checkpoint."""
+    import argparse
+    import shutil
+    import experiments_sparse as xs
+    import train
+    monkeypatch.chdir(tmp_path)  # runs/ land here
+    monkeypatch.setattr(xs, "SPARSE_ARMS", {"spear": ["--algo", "spear"], "drbot": ["--algo", "drbot"]})
+    a = argparse.Namespace(model="tiny-random", quick=True, seeds=[0], out=str(tmp_path / "res"), steps=None,
+                           eval_every=None, final_n=None, calibration=_write(CALIBRATION, tmp_path / "cal.json"))
+    xs.sparse(a)
+    for arm in ("spear", "drbot"):
+        d = tmp_path / "res" / f"{arm}-s0"
+        ev, cfg = json.loads((d / "final_eval.json").read_text()), json.loads((d / "config.json").read_text())
+        assert (ev["arm"], ev["seed"], ev["dtype"], ev["checkpoint"].endswith("step_2")) == (arm, 0, "float32", True)
+        assert len(ev["per_task"]) == 4 and (cfg["algo"], cfg["math_prompt"], cfg["levels"]) == (arm, "toy", "4,5")
+        assert [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert "spear - drbot" in (tmp_path / "res" / "summary.md").read_text()
+    # cut the drbot run after step 1: no results, no step-2 checkpoint
+    shutil.rmtree(tmp_path / "res" / "drbot-s0")
+    shutil.rmtree(tmp_path / "runs" / "sparse-math-drbot-s0-quick" / "checkpoints" / "step_2")
+    calls, real_main = [], train.main
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
+    capsys.readouterr()
+    xs.sparse(a)
+    assert len(calls) == 1 and "sparse-math-drbot-s0-quick" in calls[0]
+    out = capsys.readouterr().out
+    assert "res/spear-s0: done before, skipped" in out and "checkpoints/step_1 at step 2" in out
+    d = tmp_path / "res" / "drbot-s0"
+    assert [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert json.loads((d / "final_eval.json").read_text())["checkpoint"].endswith("step_2")
+
+
+def _metrics(n_replayed, bonus_only=None, steps=6):
+    return [{"step": 0, "eval_pass@1": 0.0}] + [
+        {"step": s, "success": s / 10, "kept_groups": 3, "n_replayed": n_replayed[s - 1], "tool_calls": 0.1,
+         **({} if bonus_only is None else {"bonus_only_groups": bonus_only[s - 1]})} for s in range(1, steps + 1)]
+
+
+def test_manipulation_checks_label_runs_whose_mechanisms_never_engaged():
+    from experiments_sparse import manipulation_checks
+    c = manipulation_checks("spear", _metrics([0, 0, 4, 0, 2, 0], [1, 2, 3, 3, 3, 3]))
+    assert (c["replay_steps"], c["replayed_samples"], c["informative"]) == (2, 6, True)
+    assert c["bonus_only_groups_first_third"] == 3 / 6  # steps 1-2 of 6: (1 + 2) of 3 + 3 kept groups
+    assert manipulation_checks("spear", _metrics([0] * 6, [1] * 6))["never_engaged"] == ["replay"]
+    assert manipulation_checks("spear-no-sil", _metrics([0] * 6, [0, 0, 1, 1, 1, 1]))["never_engaged"] == ["tool bonus"]
+    assert manipulation_checks("spear-no-toolcall", _metrics([0] * 6, [0] * 6))["never_engaged"] == ["replay"]
+    assert manipulation_checks("drbot", _metrics([0] * 6, [0] * 6))["informative"]
+    assert manipulation_checks("spear", _metrics([1] * 6))["bonus_only_groups_first_third"] is None  # not logged
+
+
+def test_summarize_sparse_endpoints_pairs_and_labels(tmp_path):
+    from experiments_sparse import summarize_sparse
+    wins = {("spear", 0): [1, 1, 0, 0], ("spear", 1): [1, 0, 0, 0],
+            ("drbot", 0): [0, 1, 0, 0], ("drbot", 1): [0, 0, 0, 0]}
+    for (arm, s), w in wins.items():
+        d = tmp_path / f"{arm}-s{s}"
+        d.mkdir()
+        per_task = {f"t{i}": x for i, x in enumerate(w)}
+        _write({"pass@1": sum(w) / 4, "greedy": {"tool_use_rate": 0.5}, "per_task": per_task}, d / "final_eval.json")
+        replays = [0, 4, 0] if (arm, s) == ("spear", 0) else [0, 0, 0]  # spear-s1 never replayed
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in _metrics(replays, [1, 1, 1], 3)))
+    table = summarize_sparse(str(tmp_path), ["spear", "drbot"], [0, 1], [("spear", "drbot")])
+    rows = table.splitlines()
+    assert rows[2].startswith("| spear | 2 (1) | 0.375 [") and "| 0.200 [" in rows[2], rows[2]  # AUC: mean of .1 .2 .3
+    assert "| spear - drbot (seeds [0, 1]) | all runs | +0.250 [" in table
+    assert "| spear - drbot (seeds [0]) | informative runs | +0.250 [" in table  # s1 dropped: (2 - 1) / 4
+    assert "| spear-s1 | 0.250 | 0.200 | 0 | 0 | 0.333 | non-informative (replay never engaged) |" in table
+    out = json.loads((tmp_path / "summary.json").read_text())
+    assert out["differences"]["all runs"]["auc_success"]["spear - drbot"]["mean"] == 0.0
+    assert (tmp_path / "summary.png").stat().st_size > 0
