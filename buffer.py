@@ -12,9 +12,9 @@ One step s, in the official trainer's order (verl-agent's ray_trainer_hybrid.py)
                 tool call); the buffer admits what it is given.
     baseline    observe_groups(means, s) appends step s's kept-group mean rewards.
 
-Where the official code differs: it replays the drawn samples as extra optimizer steps after the
-on-policy ones (we add lambda(s) L_SIL to the same step, as the paper's objective reads); its
-`trajectory_score_threshold` knob is never read (we have none). The buffer computes no loss: replayed
+The drawn samples get their own optimizer steps on lambda(s) L_SIL after the on-policy ones (update.py, as
+the official trainer runs them). The official `trajectory_score_threshold` knob is never read (we have
+none); the other differences are listed in docs/differences.md. The buffer computes no loss: replayed
 samples go through `loss.policy_loss` with their stored old log-probs (a true off-policy ratio).
 """
 from __future__ import annotations

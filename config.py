@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, fields
 
 from checkpoint import MARKER
-from envs import ENV_NAMES, MATH_PROMPTS
+from envs import ENV_NAMES, MATH_PROMPTS, TOOL_FORMATS
 from loss import AGG_MODES, FILTERS, LOSS_MODES
 from mathtasks import parse_levels
 
@@ -20,6 +20,7 @@ class Config:
     env: str = "math"
     model: str = "smollm2-135m"
     data: str | None = None  # math: JSONL of {question, answer} for the train split; alfworld: the data folder
+    tool_format: str | None = None  # math: hermes | markdown; default hermes if the chat template has tools (README)
     algo: str = "spear"  # grpo | drbot | spear (a bundle of the defaults below)
     run_name: str | None = None
     out_dir: str = "runs"
@@ -37,6 +38,12 @@ class Config:
     temperature: float = 0.7  # CPU default (at 1.0 the bundled model's groups all fail); paper: 1.0
     top_p: float = 1.0
     micro_token_budget: int = 4096  # max padded tokens per micro-batch (memory stays bounded)
+    # the update (verl names): one optimizer step per mini-batch of prompts, then per replay mini-batch
+    ppo_mini_batch_size: int | None = None  # prompts per mini-batch (x n sequences); default: math P // 2 (the
+    #                                         official 4 / 2 and 128 / 64), agent envs P (their scripts: one)
+    ppo_epochs: int = 1
+    sil_update: str = "separate"  # separate: replay mini-batches take their own steps (official) | summed:
+    #                               one step on L_on + lambda(s) L_SIL (one mini-batch, one epoch)
     # optimizer
     lr: float = 1e-5  # paper: 1e-6 for 1.5B-32B models over 200+ steps
     weight_decay: float = 0.01
@@ -107,10 +114,14 @@ def finalize(cfg: Config) -> Config:
     cfg.max_toolcall_steps = cfg.max_toolcall_steps or cfg.steps
     cfg.max_replay_loss_steps = cfg.max_replay_loss_steps or cfg.steps
     cfg.trajectory_buffer_size = cfg.trajectory_buffer_size or max(cfg.train_batch_size * cfg.n // 2, 1)
+    if cfg.ppo_mini_batch_size is None:
+        cfg.ppo_mini_batch_size = max(cfg.train_batch_size // 2, 1) if cfg.env == "math" else cfg.train_batch_size
     cfg.run_name = cfg.run_name or f"{cfg.env}-{cfg.algo}-s{cfg.seed}"
     errors = []
     if cfg.env not in ENV_NAMES:
         errors.append(f"unknown --env {cfg.env!r}; choose one of {', '.join(ENV_NAMES)}")
+    if cfg.tool_format is not None and (cfg.tool_format not in TOOL_FORMATS or cfg.env != "math"):
+        errors.append(f"--tool_format is for --env math, one of {', '.join(TOOL_FORMATS)}; got {cfg.tool_format!r}")
     if cfg.n < 2:
         errors.append(f"--n (group size) must be >= 2 for group-relative advantages, got {cfg.n}")
     if not 0 < cfg.rollout_filter_ratio <= 1:
@@ -131,6 +142,14 @@ def finalize(cfg: Config) -> Config:
            cfg.max_nonfinite_steps) < 1:
         errors.append("--steps, --train_batch_size, --max_turns, --max_turn_tokens, --ckpt_every, --keep_ckpts and "
                       "--max_nonfinite_steps must be >= 1")
+    if min(cfg.ppo_mini_batch_size, cfg.ppo_epochs) < 1:
+        errors.append("--ppo_mini_batch_size and --ppo_epochs must be >= 1")
+    if cfg.sil_update not in ("separate", "summed"):
+        errors.append(f"--sil_update must be separate or summed, got {cfg.sil_update!r}")
+    elif cfg.sil_update == "summed" and (cfg.ppo_mini_batch_size < cfg.train_batch_size or cfg.ppo_epochs != 1):
+        errors.append(f"--sil_update summed takes ONE optimizer step per batch: it needs --ppo_mini_batch_size >= "
+                      f"--train_batch_size ({cfg.train_batch_size}) and --ppo_epochs 1, got "
+                      f"{cfg.ppo_mini_batch_size} and {cfg.ppo_epochs}")
     if cfg.micro_token_budget < cfg.max_total_tokens:
         errors.append(f"--micro_token_budget {cfg.micro_token_budget} cannot hold one sequence of up to "
                       f"--max_total_tokens {cfg.max_total_tokens}; raise it to at least {cfg.max_total_tokens}")
@@ -156,8 +175,8 @@ def finalize(cfg: Config) -> Config:
 
 
 def env_kwargs(cfg: Config) -> dict:
-    """make_env's keyword arguments for the run's env (math: the prompt)."""
-    return {"prompt": cfg.math_prompt} if cfg.env == "math" else {}
+    """make_env's keyword arguments for the run's env: math's tool-call format and prompt."""
+    return {"tool_format": cfg.tool_format, "prompt": cfg.math_prompt} if cfg.env == "math" else {}
 
 
 def task_kwargs(cfg: Config) -> dict:

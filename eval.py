@@ -19,7 +19,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from envs import ENV_NAMES, MATH_PROMPTS, load_tasks, make_env
+from chat import tool_format
+from envs import ENV_NAMES, MATH_PROMPTS, TOOL_FORMATS, load_tasks, make_env
 from mathtasks import parse_levels
 from rollout import rollout
 
@@ -163,6 +164,8 @@ def main(argv=None):
     p.add_argument("--split", default="test")
     p.add_argument("--data", default=None, help="math: JSONL of {question, answer} instead of generated tasks; "
                    "alfworld: the ALFWorld data folder (default $ALFWORLD_DATA; generated games without it)")
+    p.add_argument("--tool_format", choices=TOOL_FORMATS, default=None, help="math: the tool-call format "
+                   "(default: hermes if the model's chat template renders tools, else markdown; README)")
     p.add_argument("--n", type=int, default=64, help="number of tasks")
     p.add_argument("--k", type=int, default=4, help="samples per task for avg@k / pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -192,11 +195,17 @@ def main(argv=None):
     from model import load_model
     model, tok = load_model(a.model)
     tasks = load_tasks(a.env, a.split, n=a.n, data=a.data, **levels)
+    try:
+        env_kw = {"tool_format": tool_format(tok, a.tool_format), "prompt": a.math_prompt} if a.env == "math" else {}
+    except ValueError as e:  # hermes asked of a template without tools
+        p.error(str(e))
+    if env_kw:
+        print(f"math tool calls: {env_kw['tool_format']}", flush=True)
     res = evaluate(model, tok, a.env, tasks, k=a.k, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                   env_kw={"prompt": a.math_prompt} if a.env == "math" else None,
-                   max_turns=a.max_turns, max_turn_tokens=a.max_turn_tokens, max_total_tokens=a.max_total_tokens)
-    res.update(env=a.env, model=a.model, split=a.split, temperature=a.temperature, top_p=a.top_p,
-               math_prompt=a.math_prompt, levels=a.levels)
+                   env_kw=env_kw, max_turns=a.max_turns, max_turn_tokens=a.max_turn_tokens,
+                   max_total_tokens=a.max_total_tokens)
+    res.update(env=a.env, model=a.model, split=a.split, temperature=a.temperature, top_p=a.top_p, levels=a.levels,
+               **env_kw)
     print(format_table(res, a.k))
     out = a.out or os.path.join("runs", "eval", f"{a.env}-{os.path.basename(a.model.rstrip('/'))}-{a.split}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

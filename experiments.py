@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench import machine, record
-from config import Config, parse_args
+from config import Config
 from eval import bootstrap, read_run
 
 
@@ -62,7 +62,9 @@ def sil_check(a):
         return (logp * mask).sum(1) / mask.sum(1)
 
     before = loglik()
-    _, m, gnorm, finite = update.optimizer_step(LogProbs(model), model, opt, [], seqs, 1.0, cfg, gens["loss"], device)
+    cfg.ppo_mini_batch_size, cfg.ppo_epochs, cfg.sil_update = cfg.train_batch_size, 1, "summed"  # ONE step
+    _, m, up = update.update_policy(LogProbs(model), model, opt, [], [], seqs, 1.0, cfg, gens["loss"], device)
+    gnorm, finite = up["grad_norm"], up["finite"]
     after = loglik()
     return {"checkpoint": a.ckpt, "step": step, "stored": stored, "replayed": len(seqs), "baseline_p50": baseline,
             "advantages": [s.advantage for s in seqs], "rewards": [s.reward for s in seqs],
@@ -155,9 +157,9 @@ def run_comparison(root: str, arms: dict, seeds: list[int], common: list[str], t
                    tag: str) -> None:
     """Every arm x seed (seed-major): train.py with the `common` flags, the seed and the arm's flags; a run cut
     short resumes from its checkpoints (runs/<run_name>, formatted with arm and seed). Its final checkpoint is
-    evaluated greedily on `test_tasks` in the run's own regime (budgets, math prompt), and <root>/<arm>-s<seed>/
-    gets config.json, metrics.jsonl and, last, final_eval.json (per-task results, commit, machine, dtype): a
-    run whose final_eval.json exists is skipped."""
+    evaluated greedily on `test_tasks` in the regime of its config.json (budgets, tool format, math prompt),
+    and <root>/<arm>-s<seed>/ gets config.json, metrics.jsonl and, last, final_eval.json (per-task results,
+    commit, machine, dtype): a run whose final_eval.json exists is skipped."""
     import shutil
     import train
     from checkpoint import latest_checkpoint
@@ -172,7 +174,8 @@ def run_comparison(root: str, arms: dict, seeds: list[int], common: list[str], t
                 continue
             argv = [*common, "--seed", str(seed), "--resume", "auto", "--run_name", run_name.format(arm=arm, seed=seed),
                     *flags]
-            run_dir, cfg = train.main(argv), parse_args(argv)
+            run_dir = train.main(argv)
+            cfg = Config(**json.load(open(os.path.join(run_dir, "config.json"))))  # as the run resolved it
             t0, ckpt = time.time(), latest_checkpoint(run_dir)
             model, tok = load_model(ckpt, dtype=torch.float32)
             res = evaluate(model, tok, cfg.env, test_tasks, k=0, env_kw=env_kwargs(cfg), **budgets(cfg))

@@ -106,21 +106,21 @@ def calibrate_sparse(a):
     model at step 0 rolls out the 64 tasks of steps 1-16 (seed 0) x 8 samples at temperature 0.7 with the
     CPU default budgets (3 turns x 160 tokens, 1024 in all); the first candidate that meets every gate is
     the regime. The JSON is rewritten after every candidate, so a cut walk shows how far it got."""
-    from chat import ChatFormat
+    from chat import ChatFormat, tool_format
     from envs import load_tasks
     from model import load_model
     proto, model_name = (QUICK, "tiny-random") if a.quick else (PROTOCOL, a.model)
     budget = dict(max_turns=2, max_turn_tokens=48, max_total_tokens=1024) if a.quick else budgets(Config())
     out_path = a.out or os.path.join("results", "calibration_sparse_math" + ("_quick" if a.quick else "") + ".json")
     model, tok = load_model(model_name, device="cpu", dtype=torch.float32)
-    fmt = ChatFormat(tok)
+    fmt, calls = ChatFormat(tok), tool_format(tok, None)  # the format a run of this model gets
     record = {"what": "the sparse regime's calibration (experiments_sparse.calibrate_sparse): walk the ladder from "
                       "least help to most, stop at the first candidate meeting every gate",
               "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python "
                          f"{' '.join(sys.argv)}",
               "commit": git_commit(), "machine": machine(), "model": model_name, "dtype": "float32",
               "protocol": {"split": "train", "task_seed": 0, "sampler_seed": "the step (1..steps)",
-                           "tasks": proto["steps"] * proto["P"], **proto, **budget},
+                           "tasks": proto["steps"] * proto["P"], **proto, **budget, "tool_format": calls},
               "ladder": [candidate_name(*c) for c in LADDER], "gates": {**GATES, "tool_lift": ">= 2x or none without"},
               "candidates": [], "chosen": None, "finished": False}
 
@@ -133,7 +133,7 @@ def calibrate_sparse(a):
     def measure(prompt, levels):
         tasks, t0 = load_tasks("math", "train", seed=0, levels=levels), time.time()
         groups = step_groups(model, tok, fmt, tasks, proto["steps"], proto["P"], proto["G"], proto["temperature"],
-                             budget, env_kw={"prompt": prompt})
+                             budget, env_kw={"prompt": prompt, "tool_format": calls})
         s = {**sparse_signal(groups, {t["id"]: t["level"] for t in tasks}), "seconds": time.time() - t0}
         print(f"[calibrate-sparse] {candidate_name(prompt, levels)}: tool use {s['tool_use_rate']:.3f}, success "
               f"{s['sampled_success']:.3f}, groups with a success {s['groups_with_success']:.3f}, gates "

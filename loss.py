@@ -6,9 +6,9 @@ Everything here is a pure function of tensors / plain data: no model, no buffer,
 
 SPEAR's objective is L = L_on + lambda(s) * L_SIL, both terms computed by `policy_loss` with the same
 surrogate and aggregation (L_SIL on replayed samples, with their stored old log-probs, so the ratio is
-the true off-policy ratio). The official code instead runs the replay mini-batches as extra optimizer
-steps after the on-policy ones; we sum both terms into ONE optimizer step, as the paper's objective
-reads (train.py composes them).
+the true off-policy ratio). As in the official trainer, update.py takes the on-policy mini-batches'
+optimizer steps first and then the replay mini-batches' own steps on lambda(s) * L_SIL
+(`--sil_update summed`: one step on the sum, the objective as written).
 
 Micro-batching (gradient accumulation). `agg_loss` normalizes over the whole MINI-batch: compute once
     global_tokens = mask.sum()          # loss tokens in the whole mini-batch
@@ -30,7 +30,6 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 FILTERS = ("overlong", "incomplete", "repetitive", "unreadable")  # Dr.BoT's response filters, in this order
 LOSS_MODES = ("vanilla", "clip_cov", "kl_cov")
 FINISH_REASONS = ("answer", "void", "max_turns", "budget")  # Trajectory.finish (rollout.py)
-OVERLONG_FINISHES = ("max_turns", "budget")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,8 +62,8 @@ def group_advantages(rewards, group_ids, norm_by_std):
     """Outcome advantage per trajectory, relative to its group (GRPO, Shao et al. 2024; Dr.BoT):
         A_i = R_i - mean_g(R)                                  (Dr.BoT / SPEAR, norm_by_std=False)
         A_i = (R_i - mean_g(R)) / (std_g(R) + 1e-6)            (GRPO, norm_by_std=True, unbiased std)
-    Groups are formed by id (task id), wherever their rows sit in the batch; the official math trainer
-    instead groups contiguous chunks of rows after a batch reorder. A zero-variance group gets A = 0.
+    Groups are formed by id (task id), wherever their rows sit in the batch, as verl's GRPO advantage
+    does (by uid). A zero-variance group gets A = 0.
     GRPO needs groups of >= 2 (a one-row group has no std) and raises otherwise; without std a
     one-row group gets A = 0. Returns (N,) float32 (or the rewards' floating dtype), on their device.
     """
@@ -87,7 +86,9 @@ def std_group_filter(rewards, group_ids, ratio):
     Order: larger unbiased std first, ties by first appearance, so zero-variance groups (std 0) are
     dropped first. Returns the kept group ids in that order. The `max(1, .)` is our choice: plain int()
     would drop every group when ratio * #groups < 1 (e.g. 0.75 with one task per step), leaving nothing
-    to train on.
+    to train on. Groups by id; the official trainer reshapes the batch into contiguous chunks of n rows
+    after its batch balancing reorder (as it does for the p50 baseline's group means), which groups rows
+    of different tasks whenever the reorder mixed them.
     """
     if not 0 < ratio <= 1:
         raise ValueError(f"rollout_filter_ratio must be in (0, 1], got {ratio} (use 1.0 to keep all groups)")
@@ -132,22 +133,38 @@ def _mojibake_pattern():
 
 
 _MOJIBAKE = _mojibake_pattern()
+# The official list (verl/workers/reward_manager/agentConcurrent.py, duplicates dropped): U+FFFD, itself as
+# cp1252 mojibake ('ï¿½', also after GPT-2's byte-level space 'Ġ'), and the fullwidth '？' (U+FF1F) as mojibake.
+UNREADABLE_STRINGS = ("\ufffd", "\u00ef\u00bf\u00bd", "\u00ef\u00bc\ufffd", "\u00ef\u00bc\u0178",
+                      "\u0120\u00ef\u00bf\u00bd")
 
 
 def is_unreadable(text):
-    """True if decoded sampled text holds U+FFFD (undecodable bytes) or common UTF-8-as-Latin-1/cp1252
-    mojibake ('Ã©', 'â€™', 'Â°', 'ï»¿')."""
-    return "\ufffd" in text or _MOJIBAKE.search(text) is not None
+    """True if the decoded response text holds one of the official UNREADABLE_STRINGS, or common UTF-8 read
+    as Latin-1/cp1252 mojibake that the official list misses ('Ã©', 'â€™', 'Â°', 'ï»¿')."""
+    return any(s in text for s in UNREADABLE_STRINGS) or _MOJIBAKE.search(text) is not None
 
 
-def response_filter_reasons(finish, void, token_ids, text, *, rep_n=20, rep_times=10):
-    """Which Dr.BoT response filters apply to one trajectory, in the order of FILTERS:
-    overlong (finish in max_turns/budget), incomplete (void last turn), repetitive, unreadable.
-    `finish`, `void`: Trajectory fields; `token_ids`: its sampled tokens; `text`: their decoded text."""
+def response_filter_reasons(response_ids, response_text, *, finish, void, out_of_budget, n_cut, per_step,
+                            rep_n=20, rep_times=10):
+    """Which of Dr.BoT's response filters one response trips, in the order of FILTERS, with the official
+    reward managers' definitions (agentConcurrent.py for math, verl-agent's episode.py for agents):
+      overlong    the response reached its token budget (official: valid_response_length >= max_response_len).
+                  Math, one sequence: the trajectory's token budget ran out (`out_of_budget`). Agents
+                  (`per_step`): also a step's response cut at its per-step budget (`n_cut` > 0). Never the
+                  turn or step cap: a trajectory that used up its turns trains as the failure it is.
+      incomplete  the response ends without a valid action: its last turn held neither an answer nor a
+                  tool call / parsable action (`void`, or finish "void"). The official math check
+                  (pred == "[INVALID]") never fires with math_dapo's strict box verification; agents are
+                  checked per step there, per trajectory here until step rows exist.
+      repetitive  some rep_n-gram of response token ids occurs >= rep_times times (20, 10).
+      unreadable  `is_unreadable(response_text)`.
+    response_ids / response_text: math, everything after the prompt (sampled turns and tool outputs: verl's
+    response); agents, the sampled tokens only (an official step row's response holds no observation)."""
     if finish not in FINISH_REASONS:
         raise ValueError(f"unknown finish reason {finish!r}; expected one of {FINISH_REASONS}")
-    hits = (finish in OVERLONG_FINISHES, void or finish == "void", is_repetitive(token_ids, rep_n, rep_times),
-            is_unreadable(text))
+    hits = (out_of_budget or (per_step and n_cut > 0), void or finish == "void",
+            is_repetitive(response_ids, rep_n, rep_times), is_unreadable(response_text))
     return [name for name, hit in zip(FILTERS, hits) if hit]
 
 
@@ -213,7 +230,9 @@ def clip_cov_mask(adv, logp, mask, clipped, *, ratio=2e-4, lb=1.0, ub=5.0, gener
     replacement (torch.randperm on `generator`, a torch.Generator whose device torch.randperm accepts);
     all of them if fewer. Returns the (B, T) bool mask of tokens whose loss gets zeroed.
     SPEAR's settings (its official scripts): on-policy ratio 2e-4, [1, 5]; replay 0.02, [2, 60] on agent envs,
-    the on-policy values on math. (The official README lists 0.02, [1, 40]; its scripts do not use them.)"""
+    the on-policy values on math: the math scripts pass replay values too, but the math trainer's
+    core_algos Clip-Cov ignores its replay flag. (The official README lists 0.02, [1, 40]; its scripts do
+    not use them.)"""
     m = mask.bool()
     cov = token_cov(adv, logp, m)  # (B, T)
     cand = (m & ~clipped & (cov > lb) & (cov < ub)).flatten().nonzero().squeeze(1)  # (n_cand,)

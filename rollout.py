@@ -45,6 +45,8 @@ class Trajectory:
     n_invalid: int = 0
     toolcall_bonus: float = 0.0
     finish: str = ""  # answer | void | max_turns | budget
+    n_cut: int = 0  # sampled turns that ran into their token room (per-turn cap or total budget) unfinished
+    out_of_budget: bool = False  # the total token budget ran out (a turn cut at it, or an observation not fitting)
     void: bool = False
     infra_error: bool = False
     reward: float = 0.0  # shaped R, filled in by the trainer
@@ -176,8 +178,10 @@ def rollout(model, tok, tasks: list[dict], env_fn, group_size: int = 1, *, max_t
             fmt: ChatFormat | None = None, group_offset: int = 0) -> list[Trajectory]:
     """Run len(tasks) * group_size episodes; returns them grouped: tasks[0] x G, tasks[1] x G, ...
 
-    env_fn() -> a fresh Env (one per row). Budgets: per-turn token cap, turn cap, and a total token
-    budget per trajectory (prompt + everything); a trajectory that hits one ends with finish = which.
+    env_fn() -> a fresh Env (one per row). An env may set `tools` (function schemas for the chat template's
+    `tools` argument) and `obs_role` ("tool": its observations are tool turns); by default none and "user".
+    Budgets: per-turn token cap, turn cap, and a total token budget per trajectory (prompt + everything);
+    a trajectory that hits one ends with finish = which.
     Sampling: one draw from `generator` (default: torch's global RNG) seeds the call; row (group g,
     member j) then has its own random stream keyed by (seed, g, j), with g = group_offset + task index.
     So the sampled tokens do not depend on waves or batch composition (up to the float noise of batched
@@ -283,7 +287,7 @@ def _wave(model, fmt, tasks, offset, env_fn, G, max_turns, max_turn_tokens, max_
 def _start_episodes(fmt, tasks, env_fn, G, offset, max_total_tokens):
     """One env per row, reset on its task; each task's prompt tokens; a Trajectory per row holding its prompt."""
     envs = [env_fn() for _ in range(len(tasks) * G)]
-    prompts = [fmt.prompt(envs[i * G].reset(t)) for i, t in enumerate(tasks)]
+    prompts = [env_prompt(fmt, envs[i * G], t) for i, t in enumerate(tasks)]
     for i, t in enumerate(tasks):
         for e in envs[i * G + 1:(i + 1) * G]:
             e.reset(t)
@@ -295,6 +299,11 @@ def _start_episodes(fmt, tasks, env_fn, G, offset, max_total_tokens):
                         logprobs=[0.0] * len(prompts[i // G]), prompt_len=len(prompts[i // G]),
                         task_id=str(tasks[i // G]["id"]), group=offset + i // G) for i in range(len(envs))]
     return envs, prompts, trajs
+
+
+def env_prompt(fmt, env, task) -> list[int]:
+    """The prompt tokens of `env` reset on `task`, with the env's tools (if any) in the chat template."""
+    return fmt.prompt(env.reset(task), tools=getattr(env, "tools", None))
 
 
 def _prefill_prompts(model, prompts, G, base, trajs, pad, device) -> LiveRows:
@@ -354,6 +363,7 @@ def _record_turn(trajs, sampled: dict[int, SampledTurn], tok) -> None:
         t.loss_mask += [1] * len(turn.tokens)
         t.logprobs += turn.logprobs
         t.n_turns += 1
+        t.n_cut += turn.cut
         text = tok.decode(turn.tokens[:-1] if turn.ended_eos else turn.tokens)
         t.turns.append(text)
         t.text += text + "\n"
@@ -366,15 +376,16 @@ def _end_or_observe(trajs, envs, rows, sampled, results, fmt, *, last_turn, max_
     for j, r in enumerate(rows):
         obs, done, info = results[j]
         t = trajs[r]
+        t.out_of_budget = sampled[r].cut and len(t.tokens) >= max_total_tokens
         if done:  # a turn cut by a token cap that leaves no action counts as over budget, not void
             t.finish = ("max_turns" if info.get("truncated") else
                         ("budget" if sampled[r].cut else "void") if envs[r].void else "answer")
         elif last_turn:
             t.finish = "max_turns"
         else:
-            suffix = fmt.observation(obs, sampled[r].ended_eos)
+            suffix = fmt.observation(obs, sampled[r].ended_eos, role=getattr(envs[r], "obs_role", "user"))
             if len(t.tokens) + len(suffix) + 1 > max_total_tokens:
-                t.finish = "budget"
+                t.finish, t.out_of_budget = "budget", True
             else:
                 t.tokens += suffix
                 t.loss_mask += [0] * len(suffix)

@@ -7,9 +7,9 @@
 
 One step (`train_step`; README "One step"): P tasks -> P x G rollouts -> shaped reward R = outcome + w(s) b
 -> response filters -> std group filter -> advantages -> replay drawn from earlier wins (SPEAR) -> one
-optimizer step on L = L_on + lambda(s) L_SIL -> admit this step's wins to the buffer -> metrics. The
-optimizer step's machinery (micro-batches, rank shards, metric reduction) is in update.py; the flags
-and the --algo bundles in config.py.
+optimizer step per on-policy mini-batch on L_on, then per replay mini-batch on lambda(s) L_SIL -> admit
+this step's wins to the buffer -> metrics. The update's machinery (old log-probs, mini-batches,
+micro-batches, rank shards, metric reduction) is in update.py; the flags and the --algo bundles in config.py.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from envs import load_tasks, make_env
 from loss import FILTERS, group_advantages, response_filter_reasons, std_group_filter
 import distributed
 from model import LogProbs, ModelNotFound, autocast, load_model
-from chat import ChatFormat
-from rollout import Trajectory, rollout
-from update import optimizer_step
+from chat import ChatFormat, tool_format
+from rollout import Trajectory, env_prompt, rollout
+from update import update_policy
 
 
 def seed_all(seed: int) -> None:
@@ -65,7 +65,7 @@ def train_step(step: int, model, tok, fmt, opt, buffer: ReplayBuffer, tasks: lis
     for t in trajs:  # 3. shaped reward R = outcome + w(s) b, used everywhere downstream
         t.reward = t.outcome + w * t.toolcall_bonus
     R, gids = torch.tensor([t.reward for t in trajs]), [t.group for t in trajs]  # (N,)
-    reasons = filter_reasons(trajs, cfg.response_filters)  # 4. response filters: loss mask 0, kept in the groups
+    reasons = filter_reasons(trajs, cfg.response_filters, cfg.env)  # 4. response filters: mask 0, kept in groups
     kept = set(std_group_filter(R, gids, cfg.rollout_filter_ratio))  # 5. std group filter
     A = group_advantages(R, gids, cfg.norm_adv_by_std_in_grpo)  # 6. A = R - mean_g R (GRPO: / std_g R)
     train = [i for i, t in enumerate(trajs) if t.group in kept and not reasons[i]]
@@ -74,15 +74,15 @@ def train_step(step: int, model, tok, fmt, opt, buffer: ReplayBuffer, tasks: lis
     replay = buffer.maybe_replay(step, generator=gens["buffer"]) if cfg.use_replay else []  # 7. A' = R - p50 > 0
     lam = sil_coef(step, cfg.max_replay_loss_steps, cfg.replay_loss_coef) if cfg.use_replay else 0.0
     t1 = time.time()
-    m_on, m_sil, gnorm, finite = optimizer_step(policy, model, opt, on, replay, lam, cfg, gens["loss"],
-                                                device)  # 8. one step on L_on + lambda(s) L_SIL
-    t_train = time.time() - t1
+    m_on, m_sil, up = update_policy(policy, model, opt, on, [trajs[i].group for i in train], replay, lam, cfg,
+                                    gens["loss"], device)  # 8. mini-batch steps on L_on, then lambda(s) L_SIL
+    t_train, finite = time.time() - t1, up.pop("finite")
     if cfg.use_replay and finite:  # 9. admit the wins (A > 0; math: and >= 1 tool call), record the groups
         buffer.add([s for s, i in zip(on, train) if s.advantage > 0 and (cfg.env != "math" or trajs[i].n_tool_calls)],
                    step)
         buffer.observe_groups([float(R[[j for j, g in enumerate(gids) if g == k]].mean()) for k in sorted(kept)], step)
     m = step_metrics(step, trajs, reasons, kept, on, replay, m_on, m_sil, device)  # 10. metrics
-    m.update(w_toolcall=w, lambda_sil=lam, infra_errors=n_infra, grad_norm=gnorm, skipped=int(not finite),
+    m.update(up, w_toolcall=w, lambda_sil=lam, infra_errors=n_infra, skipped=int(not finite),
              rollout_tok_s=m["response_length"] * len(trajs) / max(t_roll, 1e-9), rollout_s=t_roll, train_s=t_train,
              train_tok_s=(m_on.get("trained_tokens", 0) + m_sil.get("trained_tokens", 0)) / max(t_train, 1e-9),
              step_s=time.time() - t0)
@@ -104,22 +104,28 @@ def collect_rollouts(step: int, model, tok, fmt, tasks: list[dict], cfg: Config,
     a sandbox failure is never scored as a wrong answer."""
     model.eval()
     mine = distributed.shard(step_tasks(tasks, step, cfg.train_batch_size, cfg.seed))
+    env_fn = functools.partial(make_env, cfg.env, **env_kwargs(cfg))
     with autocast(device), distributed.full_weights(policy):
-        trajs = rollout(model, tok, mine, functools.partial(make_env, cfg.env, **env_kwargs(cfg)), cfg.n,
-                        max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                        max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        generator=gen, fmt=fmt, group_offset=distributed.rank() * len(mine))
+        trajs = rollout(model, tok, mine, env_fn, cfg.n, max_turns=cfg.max_turns,
+                        max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, fmt=fmt,
+                        group_offset=distributed.rank() * len(mine))
     crash_point("after_rollout", step)  # test hook (checkpoint.py)
     trajs = distributed.gather(trajs)
     return [t for t in trajs if not t.infra_error], sum(t.infra_error for t in trajs)
 
 
-def filter_reasons(trajs: list[Trajectory], enabled: str) -> list[list[str]]:
-    """The enabled response filters (a comma list of loss.FILTERS, or none) each trajectory trips."""
-    on = set(enabled.split(","))
-    return [[r for r in response_filter_reasons(finish=t.finish, void=t.void, text="".join(t.turns),
-                                                token_ids=[x for x, m in zip(t.tokens, t.loss_mask) if m])
-             if r in on] for t in trajs]
+def filter_reasons(trajs: list[Trajectory], enabled: str, env: str) -> list[list[str]]:
+    """The enabled response filters (a comma list of loss.FILTERS, or none) each trajectory trips. Math's
+    response is everything after the prompt; an agent's is its sampled steps (loss.response_filter_reasons)."""
+    on, agent = set(enabled.split(",")), env != "math"
+    out = []
+    for t in trajs:
+        ids, text = ([x for x, m in zip(t.tokens, t.loss_mask) if m], "".join(t.turns)) if agent else \
+            (t.tokens[t.prompt_len:], t.text)
+        out.append([r for r in response_filter_reasons(ids, text, finish=t.finish, void=t.void, n_cut=t.n_cut,
+                                                       out_of_budget=t.out_of_budget, per_step=agent) if r in on])
+    return out
 
 
 def step_metrics(step: int, trajs: list[Trajectory], reasons: list[list[str]], kept: set, on: list[Sample],
@@ -174,7 +180,8 @@ def check_prompt_budget(cfg: Config, fmt, tasks) -> None:
     """Every prompt the run will draw (steps 1..--steps) plus one sampled token must fit --max_total_tokens.
     Checked before step 1, so that a long prompt cannot stop a run hours in."""
     drawn = {t["id"]: t for s in range(1, cfg.steps + 1) for t in step_tasks(tasks, s, cfg.train_batch_size, cfg.seed)}
-    lengths = {i: len(fmt.prompt(make_env(cfg.env, **env_kwargs(cfg)).reset(t))) for i, t in drawn.items()}
+    env = make_env(cfg.env, **env_kwargs(cfg))
+    lengths = {i: len(env_prompt(fmt, env, t)) for i, t in drawn.items()}
     longest = max(lengths, key=lengths.get)
     n_over = sum(n + 1 > cfg.max_total_tokens for n in lengths.values())
     if n_over:
@@ -195,6 +202,9 @@ def load_inputs(cfg: Config, ckpt: str | None, device, run_dir: str | None) -> t
         # fp32 master weights everywhere (lr 1e-6 updates vanish in bf16 weights); bf16 autocast on GPU
         model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
         fmt = ChatFormat(tok)
+        if cfg.env == "math":  # hermes where the chat template renders tools (Qwen2.5), else markdown (README)
+            cfg.tool_format = tool_format(tok, cfg.tool_format)
+            print(f"[spear] math tool calls: {cfg.tool_format}", flush=True)
         check_prompt_budget(cfg, fmt, tasks)
         if cfg.env == "math" and cfg.sandbox == "strict":  # refuse a weaker jail (README: Security); otherwise
             import sandbox  # the pool logs its isolation level when it starts

@@ -1,13 +1,22 @@
-"""The optimizer step's machinery, kept out of the algorithm in train.py: one step on
-L = L_on + lambda(s) L_SIL (the paper's objective; README: paper-to-code map), computed over
-length-packed micro-batches (memory stays bounded) and, under torchrun, over this rank's share of the
-sequences, with the whole batch's normalizers so the gradient is the same for any split.
+"""The policy update, kept out of the algorithm in train.py, in the official trainer's order (verl
+dp_actor.update_policy; README: paper-to-code map):
 
-A training sequence is a `buffer.Sample` (tokens, loss_mask, advantage, and old_logp: stored at admission
-for a replayed sample; filled in here, from the training forward, for an on-policy one)."""
+  1. old log-probs of every on-policy sequence from one no-grad forward of the current policy (verl's
+     compute_log_prob), so every mini-batch after the first sees a real ratio. When one optimizer step
+     takes the whole batch, old = current exactly and they are read off the training forward instead;
+  2. for each of `ppo_epochs` passes: one AdamW step per on-policy mini-batch (`ppo_mini_batch_size`
+     prompts, whole groups, in batch order), then one step per replay mini-batch (as many sequences as
+     an on-policy one) on lambda(s) * L_SIL. `--sil_update summed` instead takes ONE step on
+     L_on + lambda(s) * L_SIL, the paper's objective as written (one mini-batch, one epoch).
+
+Each loss is computed over length-packed micro-batches (memory stays bounded) and, under torchrun, over
+this rank's share of the sequences, with the mini-batch's normalizers, so the gradient is the same for any
+split. A training sequence is a `buffer.Sample` (tokens, loss_mask, advantage, and old_logp: stored at
+admission for a replayed sample; filled in here for an on-policy one)."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -17,6 +26,8 @@ from loss import agg_loss, policy_loss
 from model import autocast
 
 EXTREMES = {"ratio_min": min, "ratio_max": max}  # policy_loss metrics reduced by min/max, not averaged
+TOTALS = ("trained_seqs", "trained_tokens")  # summed over optimizer steps
+LATER = ("clipfrac_low", "clipfrac_high", "clipfrac_dual", "ppo_kl", "ratio_min", "ratio_max")
 
 
 def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -31,34 +42,131 @@ def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches + ([cur] if cur else [])
 
 
-def optimizer_step(policy, model, opt, on: list[Sample], replay: list[Sample], lam: float, cfg, gen: torch.Generator,
-                   device) -> tuple[dict, dict, float, bool]:
-    """One AdamW step on L_on(on) + lam * L_SIL(replay); fills each on-policy Sample's old_logp.
-    Returns (L_on metrics, L_SIL metrics, grad norm, finite). A non-finite loss or grad norm skips the
-    step: the weights are not touched."""
+def mini_batches(groups: list, size: int) -> list[list[int]]:
+    """Indices of each mini-batch: `size` consecutive groups (prompts) at a time, in batch order, i.e.
+    verl's data.split(ppo_mini_batch_size x n) on a batch of whole groups. (N,) group ids -> index lists."""
+    order = list(dict.fromkeys(groups))  # distinct groups, first-seen order
+    chunks = [set(order[k:k + size]) for k in range(0, len(order), size)]
+    return [[i for i, g in enumerate(groups) if g in c] for c in chunks]
+
+
+def update_policy(policy, model, opt, on: list[Sample], groups: list, replay: list[Sample], lam: float, cfg,
+                  gen: torch.Generator, device) -> tuple[dict, dict, dict]:
+    """All optimizer steps of one training step (order: module docstring). `groups`: the group id of each
+    on-policy Sample. Fills each on-policy Sample's old_logp (the buffer stores it). Returns (L_on metrics,
+    L_SIL metrics, update metrics). A step whose loss or grad norm is not finite is skipped (the weights
+    are not touched by it) and the update reports finite = False."""
+    size = cfg.ppo_mini_batch_size
+    minis = [[on[i] for i in mb] for mb in mini_batches(groups, size)]
+    replays = [replay[k:k + size * cfg.n] for k in range(0, len(replay), size * cfg.n)] if lam > 0 else []
+    if cfg.sil_update == "summed":  # one mini-batch and one epoch (config.finalize)
+        plan = [[(on, 1.0, False), (replay if lam > 0 else [], lam, True)]]
+    else:
+        plan = ([[(mb, 1.0, False)] for mb in minis] + [[(mb, lam, True)] for mb in replays]) * cfg.ppo_epochs
+    exact = len(minis) <= 1 and cfg.ppo_epochs == 1  # old = current: from the training forward, exactly
     model.train()
-    opt.zero_grad(set_to_none=True)
-    m_on = loss_terms(policy, on, cfg, 1.0, False, gen, device) if on else {}
-    m_sil = loss_terms(policy, replay, cfg, lam, True, gen, device) if replay and lam > 0 else {}
-    distributed.sync_grads(policy, device)
-    grads = any(p.grad is not None for p in model.parameters())
-    gnorm = distributed.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    finite = math.isfinite(gnorm) and all(math.isfinite(m.get("loss", 0.0)) for m in (m_on, m_sil))
-    if finite and grads:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return m_on, m_sil, gnorm, finite
+    t0 = time.time()
+    m_old = {} if exact else old_log_probs(policy, on, cfg, device)
+    up = {"old_logp_s": time.time() - t0, "finite": True, "optimizer_steps": 0}
+    m_on, m_sil, g_on, g_sil = [], [], [], []
+    for terms in plan:  # one optimizer step each
+        opt.zero_grad(set_to_none=True)
+        ms = [loss_terms(policy, seqs, cfg, coef, rp, gen, device, exact) if seqs else {} for seqs, coef, rp in terms]
+        distributed.sync_grads(policy, device)
+        grads = any(p.grad is not None for p in model.parameters())
+        gnorm = distributed.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        finite = math.isfinite(gnorm) and all(math.isfinite(m.get("loss", 0.0)) for m in ms)
+        if finite and grads:
+            opt.step()
+            up["optimizer_steps"] += 1
+        up["finite"] &= finite
+        opt.zero_grad(set_to_none=True)
+        for (_, _, rp), m in zip(terms, ms):
+            (m_sil if rp else m_on).append(m)
+        (g_sil if all(rp for _, _, rp in terms) else g_on).append(gnorm)
+    later = combine(m_on[1:])  # on-policy mini-batches after the first: the ratio is no longer 1
+    up.update({f"later_{k}": later[k] for k in LATER if k in later}, grad_norm=_mean(g_on))
+    sil = combine(m_sil)
+    return {**combine(m_on), **m_old}, {**sil, "grad_norm": _mean(g_sil)} if g_sil else sil, up
 
 
-def loss_terms(policy, seqs: list[Sample], cfg, coef: float, replay: bool, gen: torch.Generator, device) -> dict:
-    """Forward+backward of coef * (one loss: on-policy or SIL) over micro-batches; returns its metrics.
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def combine(ms: list[dict]) -> dict:
+    """One loss's metrics over several optimizer steps: token-weighted means, extremes, totals over the steps
+    (TOTALS) and the mean loss. A single step's metrics come back unchanged."""
+    ms = [m for m in ms if m]
+    if len(ms) <= 1:
+        return ms[0] if ms else {}
+    out = {}
+    for k in dict.fromkeys(k for m in ms for k in m):
+        have = [(m[k], m["trained_tokens"]) for m in ms if k in m]
+        vals = [v for v, _ in have]
+        if k in EXTREMES:
+            out[k] = EXTREMES[k](vals)
+        elif k in TOTALS:
+            out[k] = sum(vals)
+        elif k == "loss":
+            out[k] = sum(vals) / len(vals)
+        else:
+            out[k] = sum(v * w for v, w in have) / max(sum(w for _, w in have), 1)
+    return out
+
+
+def micro_batches(policy, seqs: list[Sample], work: list[int], cfg, device, backward: bool = True):
+    """This rank's share of seqs[work], length-packed under --micro_token_budget; yields (indices, pad) per
+    micro-batch, pad(key, fill) -> the (b, T) tensor of that Sample field. Under FSDP the ranks with fewer
+    micro-batches first join the others' collectives with idle passes."""
+    mine = distributed.shard(work)  # this rank's share (all of it in one process)
+    batches = pack_micro_batches([len(seqs[i].tokens) for i in mine], cfg.micro_token_budget)
+    for _ in range(distributed.micro_batch_count(policy, len(batches), device) - len(batches)):
+        distributed.idle_pass(policy, device, backward)
+    for mb in batches:
+        mb = [mine[j] for j in mb]
+        T = max(len(seqs[i].tokens) for i in mb)
+        yield mb, lambda key, fill, mb=mb, T=T: torch.tensor(
+            [getattr(seqs[i], key) + [fill] * (T - len(getattr(seqs[i], key))) for i in mb], device=device)  # (b, T)
+
+
+def trained(seqs: list[Sample], cfg) -> list[int]:
+    """The sequences a loss runs forward/backward on: A != 0, or all of them under an entropy bonus."""
+    return [i for i, s in enumerate(seqs) if s.advantage != 0 or cfg.entropy_coeff]
+
+
+@torch.no_grad()
+def old_log_probs(policy, seqs: list[Sample], cfg, device) -> dict:
+    """verl's compute_log_prob: each trained on-policy Sample's old_logp from one no-grad forward of the
+    policy that sampled them, before this step's first update. Returns the sampler-vs-trainer KL on their
+    loss tokens (a tokenization or numerics alarm)."""
+    old, kl, n = {}, 0.0, 0.0
+    for mb, pad in micro_batches(policy, seqs, trained(seqs, cfg), cfg, device, backward=False):
+        mask = pad("loss_mask", 0)
+        with autocast(device):
+            logp, _ = policy(pad("tokens", 0), mask, temperature=cfg.temperature)  # (b, T) fp32
+        kl += float(((pad("sampler_logp", 0.0) - logp) * mask).sum())
+        n += float(mask.sum())
+        old.update({i: logp[r, :len(seqs[i].tokens)].tolist() for r, i in enumerate(mb)})
+    parts = distributed.gather([dict(old=old, kl=kl, n=n)])
+    for p in parts:
+        for i, lp in p["old"].items():
+            seqs[i].old_logp = lp
+    return {"kl_sampler_trainer": sum(p["kl"] for p in parts) / max(sum(p["n"] for p in parts), 1)}
+
+
+def loss_terms(policy, seqs: list[Sample], cfg, coef: float, replay: bool, gen: torch.Generator, device,
+               exact: bool) -> dict:
+    """Forward+backward of coef * (one loss over one mini-batch: on-policy or SIL) over micro-batches;
+    returns its metrics.
 
     Each micro-batch contributes its share of the mini-batch normalizers (global_tokens / global_seqs),
     so the accumulated gradient equals one big batch's gradient for any micro-batch size. Sequences
     with A = 0 (e.g. all-fail groups) have exactly zero loss and gradient: without an entropy bonus
     they are skipped (no forward/backward) but stay in the normalizers, so the gradient is unchanged;
-    Clip-Cov's covariance and the logged entropy are then over the trained tokens. On-policy, old =
-    the current log-probs (one optimizer step per batch), and they become each Sample's old_logp."""
+    Clip-Cov's covariance and the logged entropy are then over the trained tokens. Old log-probs: the
+    stored ones (replay; on-policy after `old_log_probs`), or with `exact` (one step takes the whole
+    on-policy batch) the current ones, which then become each Sample's old_logp."""
     global_tokens = sum(sum(s.loss_mask) for s in seqs)
     kw = dict(clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, clip_c=cfg.clip_ratio_c,
               agg_mode=cfg.loss_agg_mode, max_len=min(cfg.max_turns * cfg.max_turn_tokens, cfg.max_total_tokens),
@@ -69,24 +177,17 @@ def loss_terms(policy, seqs: list[Sample], cfg, coef: float, replay: bool, gen: 
                   cov_ub=getattr(cfg, "clip_cov_ub" + sfx))
     elif cfg.loss_mode == "kl_cov":
         kw.update(cov_ratio=cfg.kl_cov_ratio, kl_cov_coef=cfg.kl_cov_coef)
-    work = [i for i, s in enumerate(seqs) if s.advantage != 0 or cfg.entropy_coeff]
-    n_work, work = len(work), distributed.shard(work)  # this rank's share (all of it in one process)
-    batches = pack_micro_batches([len(seqs[i].tokens) for i in work], cfg.micro_token_budget)
-    for _ in range(distributed.micro_batch_count(policy, len(batches), device) - len(batches)):
-        distributed.idle_pass(policy, device)  # FSDP: pair up with the ranks that have more micro-batches
+    fill_old = exact and not replay
+    work = trained(seqs, cfg)
     sums: dict[str, float] = {}
     ext: dict[str, float] = {}
     total_loss, trained_tokens = 0.0, 0.0
     old_logps: dict[int, list[float]] = {}
-    for mb in batches:
-        mb = [work[j] for j in mb]
-        T = max(len(seqs[i].tokens) for i in mb)
-        pad = lambda key, fill: torch.tensor([getattr(seqs[i], key) + [fill] * (T - len(getattr(seqs[i], key)))
-                                              for i in mb], device=device)  # (b, T)
+    for mb, pad in micro_batches(policy, seqs, work, cfg, device):
         ids, mask = pad("tokens", 0), pad("loss_mask", 0)
         with autocast(device), distributed.no_sync(policy):
             logp, ent = policy(ids, mask, temperature=cfg.temperature)  # (b, T) fp32
-        old = pad("old_logp", 0.0) if replay else logp.detach()  # one step per batch: old = current, exactly
+        old = logp.detach() if fill_old else pad("old_logp", 0.0)  # (b, T)
         adv = torch.tensor([seqs[i].advantage for i in mb], device=device, dtype=torch.float32)  # (b,)
         loss, m = policy_loss(logp, old, adv, mask, **kw)
         if cfg.entropy_coeff:
@@ -98,7 +199,7 @@ def loss_terms(policy, seqs: list[Sample], cfg, coef: float, replay: bool, gen: 
         total_loss += float(loss.detach())
         trained_tokens += n_tok
         m = {**m, "entropy": float((ent.detach() * mask).sum()) / max(n_tok, 1)}
-        if not replay:
+        if fill_old:
             sampler = pad("sampler_logp", 0.0)
             m["kl_sampler_trainer"] = float(((sampler - logp.detach()) * mask).sum()) / max(n_tok, 1)
             for r, i in enumerate(mb):
@@ -108,7 +209,7 @@ def loss_terms(policy, seqs: list[Sample], cfg, coef: float, replay: bool, gen: 
                 ext[k] = EXTREMES[k](ext.get(k, v), v)
             else:
                 sums[k] = sums.get(k, 0.0) + v * n_tok
-    return reduce_metrics(sums, ext, total_loss, trained_tokens, n_work, old_logps, seqs)
+    return reduce_metrics(sums, ext, total_loss, trained_tokens, len(work), old_logps, seqs)
 
 
 def reduce_metrics(sums: dict, ext: dict, total_loss: float, trained_tokens: float, n_work: int,

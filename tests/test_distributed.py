@@ -45,7 +45,8 @@ def _assert_same_run(a, b):
             if k.endswith(TIMING):
                 continue
             if isinstance(v, (int, float)) and not isinstance(v, bool):  # numbers: within float tolerance
-                assert y[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (x["step"], k, v, y[k])
+                tol = 1e-5 if k.endswith("ppo_kl") else 1e-6  # a mean log-ratio after an Adam step: its noise
+                assert y[k] == pytest.approx(v, rel=1e-5, abs=tol), (x["step"], k, v, y[k])
             else:  # None (e.g. no baseline yet), bools, strings: exactly
                 assert y[k] == v, (x["step"], k, v, y[k])
     wa, wb = _weights(os.path.join(a, "checkpoints", "step_4")), _weights(os.path.join(b, "checkpoints", "step_4"))

@@ -71,26 +71,36 @@ def test_is_repetitive_counts_overlapping_ngrams():
     assert is_repetitive([1, 2, 3], n=3, times=1)
 
 
-def test_is_unreadable_replacement_char_and_mojibake():
-    for bad in ("caf\ufffd", "cafÃ©", "donâ€™t", "50Â°C", "â€œquoteâ€\x9d", "\u00ef\u00bb\u00bfhi", "Ã\xa0 la"):
-        assert is_unreadable(bad), bad
-    for ok in ("", "café, don’t, 3×4 = 12, 50°C, naïve", "Ångström Ärger", "print(f'{x:,}')", "« Âge »"):
+def test_is_unreadable_official_strings_and_mojibake():
+    official = ("\ufffd", "ï¿½", "ï¼\ufffd", "ï¼Ÿ", "Ġï¿½", "ï¿½ï¿½ï¿½ï¿½")  # agentConcurrent.py's list
+    ours = ("cafÃ©", "donâ€™t", "50Â°C", "â€œquoteâ€\x9d", "\u00ef\u00bb\u00bfhi", "Ã\xa0 la")  # missed by it
+    for bad in official + ours:
+        assert is_unreadable("x = " + bad + " 1"), bad
+    for ok in ("", "café, don’t, 3×4 = 12, 50°C, naïve", "Ångström Ärger", "print(f'{x:,}')", "« Âge »", "ï", "？"):
         assert not is_unreadable(ok), ok
 
 
+def _reasons(finish="answer", void=False, ids=(1, 2, 3), text="x = 1", out_of_budget=False, n_cut=0, per_step=False,
+             **kw):
+    return response_filter_reasons(list(ids), text, finish=finish, void=void, out_of_budget=out_of_budget,
+                                   n_cut=n_cut, per_step=per_step, **kw)
+
+
 def test_response_filter_reasons():
-    clean = ([1, 2, 3], "x = 1")
-    assert response_filter_reasons("answer", False, *clean) == []
-    assert response_filter_reasons("budget", False, *clean) == ["overlong"]
-    assert response_filter_reasons("max_turns", False, *clean) == ["overlong"]
-    assert response_filter_reasons("void", True, *clean) == ["incomplete"]
-    assert response_filter_reasons("answer", True, *clean) == ["incomplete"]
-    assert response_filter_reasons("budget", False, [5] * 29, "Ã©") == ["overlong", "repetitive", "unreadable"]
-    assert response_filter_reasons("answer", False, [5] * 5, "", rep_n=2, rep_times=4) == ["repetitive"]
-    assert response_filter_reasons("budget", True, [5] * 29, "\ufffd") == list(FILTERS)  # the names, in order
+    assert _reasons() == []
+    assert _reasons("max_turns") == [] and _reasons("max_turns", per_step=True) == []  # a turn/step cap: trained
+    assert _reasons("budget", out_of_budget=True) == ["overlong"]  # the token budget ran out
+    assert _reasons("answer", out_of_budget=True) == ["overlong"]  # an answer in a turn cut at the budget
+    assert _reasons("answer", n_cut=1) == []  # math: a turn cut at the per-turn cap is not the response budget
+    assert _reasons("answer", n_cut=1, per_step=True) == ["overlong"]  # agents: a step reached its own budget
+    assert _reasons("void", True) == ["incomplete"] and _reasons("answer", True) == ["incomplete"]
+    assert _reasons("budget", True, n_cut=1) == ["incomplete"]  # math: void after a per-turn cut
+    assert _reasons("budget", ids=[5] * 29, text="Ã©", out_of_budget=True) == ["overlong", "repetitive", "unreadable"]
+    assert _reasons(ids=[5] * 5, text="", rep_n=2, rep_times=4) == ["repetitive"]
+    assert _reasons("budget", True, [5] * 29, "\ufffd", out_of_budget=True) == list(FILTERS)  # the names, in order
     assert FILTERS == ("overlong", "incomplete", "repetitive", "unreadable")
     with pytest.raises(ValueError, match="finish"):
-        response_filter_reasons("timeout", False, *clean)
+        _reasons("timeout")
 
 
 # --------------------------------------------------------------------------------------- agg_loss

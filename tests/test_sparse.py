@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import config
-from envs import DEMO, MATH_PROMPTS, SYSTEM, TOY_DEMO, load_tasks, make_env
+from envs import DEMO, DEMO_HERMES, MATH_PROMPTS, SYSTEM, SYSTEM_HERMES, TOY_DEMO, load_tasks, make_env
 
 TASK = {"id": "math/train/0", "question": "What is 123456 + 654321?", "answer": "777777"}
 
@@ -18,6 +18,9 @@ def test_prompt_without_demonstration_has_no_example_turns():
     assert [m["role"] for m in msgs] == ["system", "user"] and msgs[1]["content"] == TASK["question"]
     assert msgs[0]["content"] == SYSTEM and "```python" in SYSTEM and "\\boxed{}" in SYSTEM  # tool + answer format
     assert make_env("math").reset(TASK)[1:-1] == DEMO  # the default keeps the worked demonstration
+    hermes = make_env("math", tool_format="hermes", prompt="none").reset(TASK)  # Qwen's native tool calls
+    assert [m["role"] for m in hermes] == ["system", "user"] and hermes[0]["content"] == SYSTEM_HERMES
+    assert make_env("math", tool_format="hermes").reset(TASK)[1:-1] == DEMO_HERMES
     with pytest.raises(ValueError, match="prompt must be one of"):
         make_env("math", prompt="fewshot")
 
@@ -30,6 +33,11 @@ def test_toy_prompt_shows_one_tool_call_and_no_math():
     assert TOY_DEMO[2]["content"].startswith("```output\n") and answer.startswith("\\boxed{")
     text = "".join(m["content"] for m in TOY_DEMO)
     assert not re.search(r"[0-9+*/%=-]|\b(sum|len|count|pow|abs|round|math)\b", text), text  # no number, no arithmetic
+    hermes = make_env("math", tool_format="hermes", prompt="toy").reset(TASK)[1:-1]
+    assert [m["role"] for m in hermes] == ["user", "assistant", "tool", "assistant"]
+    assert hermes[1]["tool_calls"][0]["function"]["arguments"]["code"] == call[len("```python\n"):-len("\n```")]
+    text = "".join(m["content"] for m in hermes) + json.dumps(hermes[1]["tool_calls"])
+    assert not re.search(r"[0-9+*/%=-]|\b(sum|len|count|pow|abs|round|math)\b", text), text
     assert set(MATH_PROMPTS) == {"none", "toy", "demo"}
 
 
@@ -51,7 +59,8 @@ def test_runs_roll_out_and_evaluate_with_their_prompt(monkeypatch):
     import eval as eval_mod
     import train
     from model import LogProbs
-    cfg = config.parse_args(["--model", "tiny-random", "--math_prompt", "toy", "--train_batch_size", "2"])
+    cfg = config.parse_args(["--model", "tiny-random", "--math_prompt", "toy", "--train_batch_size", "2",
+                             "--tool_format", "markdown"])  # (load_inputs resolves it from the template)
     model, tok = train.load_model("tiny-random", device=torch.device("cpu"), dtype=torch.float32)
     seen = {}
     monkeypatch.setattr(train, "rollout", lambda model, tok, tasks, env_fn, *a, **k: seen.update(train=env_fn()) or [])
@@ -63,17 +72,17 @@ def test_runs_roll_out_and_evaluate_with_their_prompt(monkeypatch):
     assert seen["train"].prompt == "toy" and make_env("math", **seen["eval"]).prompt == "toy"
 
 
-def test_eval_cli_evaluates_the_regime(monkeypatch, tmp_path):
+def test_eval_cli_evaluates_the_regime(monkeypatch, tmp_path, tok):
     import eval as eval_mod
     import model
     seen = {}
-    monkeypatch.setattr(model, "load_model", lambda name: (None, None))
+    monkeypatch.setattr(model, "load_model", lambda name: (None, tok))
     monkeypatch.setattr(eval_mod, "evaluate", lambda m, t, env, tasks, env_kw=None, **k: seen.update(
         tasks=tasks, env_kw=env_kw) or {"pass@1": 0.0, "greedy": {}, "greedy_seconds": 0})
     monkeypatch.setattr(eval_mod, "format_table", lambda res, k: "")
     out = tmp_path / "e.json"
     eval_mod.main(["--levels", "3,5", "--math_prompt", "none", "--n", "6", "--k", "0", "--out", str(out)])
-    assert {t["level"] for t in seen["tasks"]} == {3, 5} and seen["env_kw"] == {"prompt": "none"}
+    assert {t["level"] for t in seen["tasks"]} == {3, 5} and seen["env_kw"]["prompt"] == "none"
     assert json.loads(out.read_text())["levels"] == "3,5"
 
 

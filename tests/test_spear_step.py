@@ -1,8 +1,12 @@
-"""How train_step composes one SPEAR step: its gradient equals the gradient assembled by hand from
-loss.py, curriculum.py and the buffer's stored samples -- shaped rewards R = outcome + w(s) b, the
-on-policy loss L_on, and lambda(s) L_SIL on the replayed samples scored with their STORED old log-probs.
-Each module's formula is pinned in its own test file; this pins the wiring (dropping w(s), dropping
-lambda(s), or scoring replay against the current policy each fails here)."""
+"""How train_step composes one SPEAR step, in the official trainer's update order: old log-probs from one
+no-grad forward, one optimizer step per on-policy mini-batch (ppo_mini_batch_size prompts), then one per
+replay mini-batch on lambda(s) L_SIL. Each step's gradient equals the one assembled by hand from loss.py,
+curriculum.py and the buffer's stored samples -- shaped rewards R = outcome + w(s) b, the on-policy loss
+L_on with the pre-update old log-probs (the second mini-batch's ratio is not 1), and lambda(s) L_SIL on the
+replayed samples scored with their STORED old log-probs. `--sil_update summed` (one step on
+L_on + lambda(s) L_SIL) is pinned the same way. Each module's formula is pinned in its own test file; this
+pins the wiring (dropping w(s), dropping lambda(s), scoring replay against the current policy, or taking
+old log-probs after an update each fails here)."""
 import copy
 
 import torch
@@ -65,11 +69,14 @@ def _loss(model, ids, mask, old, adv, cfg):
                        max_len=min(cfg.max_turns * cfg.max_turn_tokens, cfg.max_total_tokens))[0]
 
 
-def test_spear_step_gradient_equals_the_one_assembled_by_hand(toy_train, tok, monkeypatch):
+def _setup(toy_train, tok, monkeypatch, flags):
+    """train_step at step S with a buffer that triggers; every optimizer step's weights and gradients recorded
+    (the steps are taken). Returns (metrics, trajectories, the model it started from, the buffer before,
+    [(weights, grads) per optimizer step], cfg)."""
     train = toy_train
     monkeypatch.setattr(train, "make_env", lambda name, **kw: BonusToyEnv())
     cfg = config.parse_args(TOY + ["--algo", "spear", "--steps", str(T), "--loss_mode", "vanilla", "--grad_clip", "1e9",
-                                  "--trajectory_buffer_size", "2"])
+                                  "--trajectory_buffer_size", "2"] + flags)
     device = torch.device("cpu")
     model, _ = train.load_model("tiny-random", device=device, dtype=torch.float32)
     fmt = ChatFormat(tok)
@@ -79,31 +86,93 @@ def test_spear_step_gradient_equals_the_one_assembled_by_hand(toy_train, tok, mo
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     before, buffer_before = copy.deepcopy(model), copy.deepcopy(buffer)
     gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "buffer", "loss"))}
-    buffer_gen = torch.Generator().manual_seed(1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    grads = {}
-    opt.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
-    m, trajs = train.train_step(S, model, tok, fmt, opt, buffer, train.load_tasks("toy", "train"), cfg, gens, device)
-    assert grads and m["n_replayed"] == 2
+    steps, real_step = [], opt.step
 
-    # by hand, on the weights train_step started from
+    def record_step(*a, **k):
+        steps.append(({n: p.detach().clone() for n, p in model.named_parameters()},
+                      {n: p.grad.clone() for n, p in model.named_parameters()}))
+        return real_step(*a, **k)
+
+    opt.step = record_step
+    m, trajs = train.train_step(S, model, tok, fmt, opt, buffer, train.load_tasks("toy", "train"), cfg, gens, device)
+    return m, trajs, before, buffer_before, steps, cfg
+
+
+def _by_hand(trajs, buffer_before):
+    """Stages 3-7 by hand: (on-policy indices in batch order, their advantages, kept groups in batch order,
+    the replayed samples with A' = R - p50, lambda(s))."""
     w, lam = toolcall_weight(S, T, "cosine"), sil_coef(S, T, 1.0)
-    assert 0 < w < 1 and 0 < lam < 1 and (m["w_toolcall"], m["lambda_sil"]) == (w, lam)
+    assert 0 < w < 1 and 0 < lam < 1
     R = torch.tensor([t.outcome + w * t.toolcall_bonus for t in trajs])
     assert len({t.toolcall_bonus for t in trajs}) > 1  # the bonus matters to the advantages
     gids = [t.group for t in trajs]
-    kept = set(std_group_filter(R, gids, cfg.rollout_filter_ratio))
+    kept = set(std_group_filter(R, gids, 0.75))
     A = group_advantages(R, gids, False)
     on = [i for i, t in enumerate(trajs) if t.group in kept and not response_filter_reasons(
-        finish=t.finish, void=t.void, text="".join(t.turns), token_ids=[x for x, k in zip(t.tokens, t.loss_mask) if k])]
+        t.tokens[t.prompt_len:], t.text, finish=t.finish, void=t.void, out_of_budget=t.out_of_budget, n_cut=t.n_cut,
+        per_step=False)]
     assert on and any(A[i] != 0 for i in on)
+    baseline = buffer_before.baseline()
+    replay = buffer_before.maybe_replay(S, generator=torch.Generator().manual_seed(1))
+    assert len(replay) == 2 and all(s.advantage == s.reward - baseline > 0 for s in replay)  # A' = R - p50 > 0
+    return on, A, list(dict.fromkeys(trajs[i].group for i in on)), replay, lam
+
+
+def _at(model, weights):
+    """A copy of `model` with the parameters `weights` (named_parameters names; tied weights follow)."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(weights[n])
+    return m
+
+
+def _grad(model, weights, ids, mask, old, adv, cfg, coef=1.0):
+    """coef * policy_loss's gradient at `weights`."""
+    m = _at(model, weights)
+    (coef * _loss(m, ids, mask, old, adv, cfg)).backward()
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+def _assert_grads(got, want):
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_spear_step_mini_batches_then_replay_equal_the_steps_assembled_by_hand(toy_train, tok, monkeypatch):
+    m, trajs, before, buffer_before, steps, cfg = _setup(toy_train, tok, monkeypatch, ["--ppo_mini_batch_size", "2"])
+    on, A, groups, replay, lam = _by_hand(trajs, buffer_before)
+    minis = [[i for i in on if trajs[i].group in groups[k:k + 2]] for k in range(0, len(groups), 2)]
+    assert len(minis) == 2 and len(steps) == m["optimizer_steps"] == 3  # 2 on-policy + 1 replay mini-batch
+    assert (m["lambda_sil"], m["n_replayed"]) == (lam, 2)
+    seq = lambda ix, key: _pad([getattr(trajs[i], key) for i in ix], 0)
+    with torch.no_grad():  # old log-probs: the policy that sampled, before any update of this step
+        old, _ = LogProbs(before)(seq(on, "tokens"), seq(on, "loss_mask"), temperature=cfg.temperature)
+    old = {i: old[r, :len(trajs[i].tokens)].tolist() for r, i in enumerate(on)}
+    for k, mb in enumerate(minis):
+        weights = steps[k][0]
+        if k == 0:  # the first step starts from the weights train_step started from
+            assert all(torch.equal(weights[n], p) for n, p in before.named_parameters())
+        ids, mask, old_k = seq(mb, "tokens"), seq(mb, "loss_mask"), _pad([old[i] for i in mb], 0.0)
+        if k == 1:  # after the first step the ratio is a real one
+            with torch.no_grad():
+                logp, _ = LogProbs(_at(before, weights))(ids, mask, temperature=cfg.temperature)
+            assert ((logp - old_k).abs() * mask).max() > 1e-4
+        _assert_grads(steps[k][1], _grad(before, weights, ids, mask, old_k, A[mb], cfg))
+    ids, mask = _pad([s.tokens for s in replay], 0), _pad([s.loss_mask for s in replay], 0)
+    _assert_grads(steps[2][1], _grad(before, steps[2][0], ids, mask, _pad([s.old_logp for s in replay], 0.0),
+                                     torch.tensor([s.advantage for s in replay]), cfg, coef=lam))
+
+
+def test_spear_step_summed_gradient_equals_the_one_assembled_by_hand(toy_train, tok, monkeypatch):
+    m, trajs, before, buffer_before, steps, cfg = _setup(toy_train, tok, monkeypatch,
+                                                         ["--ppo_mini_batch_size", "4", "--sil_update", "summed"])
+    on, A, _, replay, lam = _by_hand(trajs, buffer_before)
+    assert len(steps) == m["optimizer_steps"] == 1
     L_on = _loss(before, _pad([trajs[i].tokens for i in on], 0), _pad([trajs[i].loss_mask for i in on], 0), None,
                  A[on], cfg)
-    baseline = buffer_before.baseline()
-    replay = buffer_before.maybe_replay(S, generator=buffer_gen)
-    assert len(replay) == 2 and all(s.advantage == s.reward - baseline > 0 for s in replay)  # A' = R - p50 > 0
     L_sil = _loss(before, _pad([s.tokens for s in replay], 0), _pad([s.loss_mask for s in replay], 0),
                   _pad([s.old_logp for s in replay], 0.0), torch.tensor([s.advantage for s in replay]), cfg)
     (L_on + lam * L_sil).backward()
-    for n, p in before.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-8, msg=n)
+    _assert_grads(steps[0][1], {n: p.grad for n, p in before.named_parameters()})

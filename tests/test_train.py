@@ -94,3 +94,24 @@ def test_train_py_cli_smoke(env, algo, tmp_path):
     assert os.path.exists(os.path.join(ck, "COMMITTED"))
     from model import load_model
     load_model(ck, device="cpu")
+
+
+def test_overlong_is_the_response_budget_not_the_turn_or_step_cap(tiny, tok, scripted_env):
+    """Dr.BoT's overlong filter as the official reward managers define it: math masks a trajectory whose
+    token budget ran out and trains one that used up its turns (a failure); an agent's step response that
+    reached its per-step budget is overlong, an episode that hit the step cap is not."""
+    import train
+    from rollout import Trajectory, rollout
+    tasks = [{"id": "x", "question": "Go.", "turns": 99}]
+    kw = dict(temperature=1.0, generator=torch.Generator().manual_seed(0))
+    capped = rollout(tiny, tok, tasks, scripted_env, 2, max_turns=3, max_turn_tokens=7, max_total_tokens=1000, **kw)
+    assert all(t.finish == "max_turns" and not t.out_of_budget and t.n_cut == 3 for t in capped)
+    assert train.filter_reasons(capped, "overlong,incomplete", "math") == [[], []]  # trained, as failures
+    assert train.filter_reasons(capped, "overlong", "alfworld") == [["overlong"]] * 2  # steps cut at their 7 tokens
+    out = rollout(tiny, tok, tasks, scripted_env, 2, max_turns=50, max_turn_tokens=7,
+                  max_total_tokens=capped[0].prompt_len + 30, **kw)
+    assert all(t.finish == "budget" and t.out_of_budget for t in out)
+    assert train.filter_reasons(out, "overlong", "math") == [["overlong"]] * 2
+    at_step_cap = Trajectory(tokens=[1, 2, 3], loss_mask=[0, 1, 1], logprobs=[0.0] * 3, prompt_len=1, task_id="a",
+                             group=0, finish="max_turns", turns=["<action>look</action>"] * 2)
+    assert train.filter_reasons([at_step_cap], "overlong,incomplete", "alfworld") == [[]]
