@@ -231,17 +231,19 @@ def manipulation_checks(arm: str, metrics: list[dict]) -> dict:
     """Did SPEAR's mechanisms engage in this run? Replay steps and replayed samples; the fraction of kept
     groups in the first third of the steps whose outcomes all agreed while their shaped rewards did not, so
     that the tool-call bonus alone made their advantages non-zero (metrics key bonus_only_groups; None where
-    the run did not log it). A run where a mechanism of its arm never engaged is non-informative."""
+    the run did not log it, and the bonus is then "unchecked"). A run where a mechanism of its arm never
+    engaged is non-informative."""
     steps = [m for m in metrics if m["step"] >= 1 and "success" in m]
     first = [m for m in steps if m["step"] <= math.ceil(len(steps) / 3)]
     logged = bool(first) and all("bonus_only_groups" in m for m in first)
     bonus = (sum(m["bonus_only_groups"] for m in first) / max(sum(m["kept_groups"] for m in first), 1)
              if logged else None)
     replay_steps = sum(m.get("n_replayed", 0) > 0 for m in steps)
-    engaged = {"replay": replay_steps > 0, "tool bonus": bonus is None or bonus > 0}
-    idle = [k for k in MECHANISMS[arm] if not engaged[k]]
+    engaged = {"replay": replay_steps > 0, "tool bonus": None if bonus is None else bonus > 0}  # None: unknown
+    idle = [k for k in MECHANISMS[arm] if engaged[k] is False]
     return {"replay_steps": replay_steps, "replayed_samples": sum(m.get("n_replayed", 0) for m in steps),
-            "bonus_only_groups_first_third": bonus, "never_engaged": idle, "informative": not idle}
+            "bonus_only_groups_first_third": bonus, "never_engaged": idle, "informative": not idle,
+            "unchecked": [k for k in MECHANISMS[arm] if engaged[k] is None]}
 
 
 SPARSE_CURVES = {"success": ("sampled success", "train success"), "tool_calls": ("tool calls per rollout", "tool use"),
@@ -295,8 +297,8 @@ def summarize_sparse(root: str, arms: list[str], seeds: list[int], pairs: list[t
     md += ["", "| run | final pass@1 | train-success AUC | replay steps | replayed | bonus-only groups, first third | "
            "label |", "|---|---|---|---|---|---|---|"]
     for (arm, s), c in checks.items():
-        label = ("informative" if c["informative"] else
-                 f"non-informative ({', '.join(c['never_engaged'])} never engaged)")
+        label = (f"non-informative ({', '.join(c['never_engaged'])} never engaged)" if not c["informative"] else
+                 "informative" + (f" ({', '.join(c['unchecked'])}: not logged)" if c["unchecked"] else ""))
         auc = np.mean(list(train_success(runs[arm, s]).values()))
         md.append(f"| {arm}-s{s} | {runs[arm, s][0]['pass@1']:.3f} | {auc:.3f} | {c['replay_steps']} | "
                   f"{c['replayed_samples']} | {f(c['bonus_only_groups_first_third'])} | {label} |")

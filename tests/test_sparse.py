@@ -255,7 +255,8 @@ def test_manipulation_checks_label_runs_whose_mechanisms_never_engaged():
     assert manipulation_checks("spear-no-sil", _metrics([0] * 6, [0, 0, 1, 1, 1, 1]))["never_engaged"] == ["tool bonus"]
     assert manipulation_checks("spear-no-toolcall", _metrics([0] * 6, [0] * 6))["never_engaged"] == ["replay"]
     assert manipulation_checks("drbot", _metrics([0] * 6, [0] * 6))["informative"]
-    assert manipulation_checks("spear", _metrics([1] * 6))["bonus_only_groups_first_third"] is None  # not logged
+    unlogged = manipulation_checks("spear-no-sil", _metrics([1] * 6))
+    assert unlogged["bonus_only_groups_first_third"] is None and unlogged["unchecked"] == ["tool bonus"]
 
 
 def test_summarize_sparse_endpoints_pairs_and_labels(tmp_path):
