@@ -9,8 +9,9 @@ import os
 from dataclasses import dataclass, fields
 
 from checkpoint import MARKER
-from envs import ENV_NAMES, TOOL_FORMATS
+from envs import ENV_NAMES, MATH_PROMPTS, TOOL_FORMATS
 from loss import AGG_MODES, FILTERS, LOSS_MODES
+from mathtasks import parse_levels
 
 
 @dataclass
@@ -24,6 +25,9 @@ class Config:
     run_name: str | None = None
     out_dir: str = "runs"
     seed: int = 0
+    # math task regime (README "Sparse regime"): the prompt's prior turns and the built-in tasks' levels
+    math_prompt: str = "demo"  # demo (one worked example) | toy (a non-math tool call) | none (system text only)
+    levels: str | None = None  # comma list of mathtasks levels for the train AND test splits, e.g. 4,5 (None: all)
     # batch and budgets
     steps: int = 14
     train_batch_size: int = 4  # P tasks per step (CPU default: README "Signal in the miniature"; paper: 32 / 128)
@@ -162,9 +166,30 @@ def finalize(cfg: Config) -> Config:
         errors.append(f"--autocast must be bf16 or none, got {cfg.autocast!r}")
     if cfg.dist_timeout_min <= 0:
         errors.append(f"--dist_timeout_min must be > 0, got {cfg.dist_timeout_min}")
+    if cfg.math_prompt not in MATH_PROMPTS:
+        errors.append(f"--math_prompt must be one of {', '.join(MATH_PROMPTS)}, got {cfg.math_prompt!r}")
+    elif cfg.math_prompt != "demo" and cfg.env != "math":
+        errors.append(f"--math_prompt is for --env math; drop it for --env {cfg.env}")
+    if cfg.levels is not None:
+        try:
+            parse_levels(cfg.levels)
+        except ValueError as e:
+            errors.append(str(e))
+        if cfg.env != "math" or cfg.data:
+            errors.append("--levels selects the math env's built-in tasks; drop it with --data or another --env")
     if errors:
         raise SystemExit("error: invalid configuration:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def env_kwargs(cfg: Config) -> dict:
+    """make_env's keyword arguments for the run's env: math's tool-call format and prompt."""
+    return {"tool_format": cfg.tool_format, "prompt": cfg.math_prompt} if cfg.env == "math" else {}
+
+
+def task_kwargs(cfg: Config) -> dict:
+    """load_tasks' keyword arguments for both splits (math: the levels, when --levels is set)."""
+    return {"levels": parse_levels(cfg.levels)} if cfg.levels is not None else {}
 
 
 def parse_args(argv=None) -> Config:

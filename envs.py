@@ -121,6 +121,25 @@ DEMO_HERMES = [
     {"role": "tool", "content": "17388"},
     DEMO[3],
 ]
+# The middle rung of the sparse regime's prompt ladder (README "Sparse regime"): the same chat shape with
+# a tool call that solves no arithmetic (no digit, no operator), so it shows the format, not the method.
+TOY_DEMO = [
+    {"role": "user", "content": "Which of these words comes first in alphabetical order: pear, apple, fig?"},
+    {"role": "assistant", "content": "```python\nprint(min(['pear', 'apple', 'fig']))\n```"},
+    {"role": "user", "content": "```output\napple\n```"},
+    {"role": "assistant", "content": "\\boxed{apple}"},
+]
+TOY_DEMO_HERMES = [
+    TOY_DEMO[0],
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "code_interpreter", "arguments": {"code": "print(min(['pear', 'apple', 'fig']))"}}}]},
+    {"role": "tool", "content": "apple"},
+    TOY_DEMO[3],
+]
+MATH_PROMPTS = {  # --math_prompt -> the prior turns before the question, per tool format
+    "demo": {"markdown": DEMO, "hermes": DEMO_HERMES},
+    "toy": {"markdown": TOY_DEMO, "hermes": TOY_DEMO_HERMES},
+    "none": {"markdown": [], "hermes": []}}
 NO_OUTPUT = "(no output; use print() to see values)"
 _BLOCK = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.S | re.I)  # a complete python block
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)  # a complete hermes tool call
@@ -223,9 +242,10 @@ def format_observation(status: str, output: str, returncode=None, *, max_chars=5
 class MathEnv:
     """One episode of tool-integrated math. reward = -1 until a correct \\boxed answer -> +1.
 
-    Prompt: a short system message + ONE worked demonstration as prior chat turns (question -> ```python
-    block -> ```output block -> \\boxed answer) + the question. A turn is read in this order (python
-    blocks = complete ```python ... ``` blocks):
+    Prompt: a short system message (the tool and the \\boxed answer) + the prior chat turns of `prompt`
+    (MATH_PROMPTS: "demo", ONE worked demonstration, question -> ```python block -> ```output block ->
+    \\boxed answer; "toy", the same shape on a non-math question; "none", no example) + the question.
+    A turn is read in this order (python blocks = complete ```python ... ``` blocks):
       ANSWER    `\\boxed` appears outside the python blocks -> graded, episode ends, reward +1 / -1
                 (a box whose braces never close is a wrong answer, not a void turn);
       TOOL CALL else, the turn holds a complete python block -> the LAST block runs in a fresh
@@ -244,7 +264,9 @@ class MathEnv:
     name = "math"
 
     def __init__(self, timeout: float = 5.0, memory_mb: int = 512, max_output_chars: int = 512,
-                 traceback_lines: int = 4, tool_format: str = "markdown"):
+                 traceback_lines: int = 4, tool_format: str = "markdown", prompt: str = "demo"):
+        if prompt not in MATH_PROMPTS:
+            raise ValueError(f"math env: prompt must be one of {', '.join(MATH_PROMPTS)}, got {prompt!r}")
         for k, v in dict(timeout=timeout, memory_mb=memory_mb, max_output_chars=max_output_chars,
                          traceback_lines=traceback_lines).items():
             if not v > 0:
@@ -257,7 +279,7 @@ class MathEnv:
         self.stop_strings = ("</tool_call>",) if hermes else ("```",)
         self.tools, self.obs_role = ([CODE_INTERPRETER], "tool") if hermes else (None, "user")  # read by rollout.py
         self._call_re, self.parse_call = (_TOOL_CALL, hermes_call) if hermes else (_BLOCK, markdown_call)
-        self.task = None
+        self.task, self.prompt = None, prompt
 
     def is_stop(self, turn_text: str) -> bool:
         """True exactly when the turn ends (trailing whitespace allowed) with the CLOSING fence of a
@@ -277,8 +299,9 @@ class MathEnv:
         self.task, self.done = task, False
         self.reward, self.success, self.void, self.infra_error = -1.0, False, False, False
         self.n_tool_calls = self.n_steps = self.n_invalid = 0  # n_invalid stays 0: math has no invalid actions
-        system, demo = (SYSTEM_HERMES, DEMO_HERMES) if self.tool_format == "hermes" else (SYSTEM, DEMO)
-        return [{"role": "system", "content": system}, *[dict(m) for m in demo],
+        system = SYSTEM_HERMES if self.tool_format == "hermes" else SYSTEM
+        prior = MATH_PROMPTS[self.prompt][self.tool_format]
+        return [{"role": "system", "content": system}, *[dict(m) for m in prior],
                 {"role": "user", "content": task["question"]}]
 
     def step(self, action_text: str) -> tuple[str | None, bool, dict]:

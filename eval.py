@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from chat import tool_format
-from envs import ENV_NAMES, TOOL_FORMATS, load_tasks, make_env
+from envs import ENV_NAMES, MATH_PROMPTS, TOOL_FORMATS, load_tasks, make_env
+from mathtasks import parse_levels
 from rollout import rollout
 
 
@@ -173,6 +174,10 @@ def main(argv=None):
     p.add_argument("--max_turn_tokens", type=int, default=160)
     p.add_argument("--max_total_tokens", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--math_prompt", default="demo", choices=list(MATH_PROMPTS), help="math: the prompt's prior turns "
+                   "(train.py's flag: evaluate a run in its own regime)")
+    p.add_argument("--levels", default=None, help="math: comma list of task levels, e.g. 4,5 (train.py's flag; "
+                   "default all)")
     p.add_argument("--out", default=None, help="JSON output path (default runs/eval/<env>-<model>-<split>.json); "
                    "with --compare the prefix of the .json/.md/.png outputs (default results/compare)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="table and plot from these runs' metrics instead")
@@ -180,12 +185,18 @@ def main(argv=None):
     if a.compare:
         print(compare(a.compare, a.out or os.path.join("results", "compare")))
         return
+    if (a.levels or a.math_prompt != "demo") and (a.env != "math" or a.data):
+        p.error("--levels and --math_prompt select the math env's built-in tasks and prompt; drop them here")
+    try:
+        levels = {"levels": parse_levels(a.levels)} if a.levels else {}
+    except ValueError as e:
+        p.error(str(e))
     torch.manual_seed(a.seed)
     from model import load_model
     model, tok = load_model(a.model)
-    tasks = load_tasks(a.env, a.split, n=a.n, data=a.data)
+    tasks = load_tasks(a.env, a.split, n=a.n, data=a.data, **levels)
     try:
-        env_kw = {"tool_format": tool_format(tok, a.tool_format)} if a.env == "math" else {}
+        env_kw = {"tool_format": tool_format(tok, a.tool_format), "prompt": a.math_prompt} if a.env == "math" else {}
     except ValueError as e:  # hermes asked of a template without tools
         p.error(str(e))
     if env_kw:
@@ -193,7 +204,8 @@ def main(argv=None):
     res = evaluate(model, tok, a.env, tasks, k=a.k, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                    env_kw=env_kw, max_turns=a.max_turns, max_turn_tokens=a.max_turn_tokens,
                    max_total_tokens=a.max_total_tokens)
-    res.update(env=a.env, model=a.model, split=a.split, temperature=a.temperature, top_p=a.top_p, **env_kw)
+    res.update(env=a.env, model=a.model, split=a.split, temperature=a.temperature, top_p=a.top_p, levels=a.levels,
+               **env_kw)
     print(format_table(res, a.k))
     out = a.out or os.path.join("runs", "eval", f"{a.env}-{os.path.basename(a.model.rstrip('/'))}-{a.split}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

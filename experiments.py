@@ -8,6 +8,8 @@ the CPU recipe's calibration, self-imitation checked on a real replay batch, and
     python experiments.py learning [--env math] GRPO, Dr.BoT, SPEAR and two SPEAR ablations x 3 seeds, final
                                                 checkpoints on 128 held-out tasks; resumable, skips finished
                                                 runs; writes results/learning_<env>/ and its summary
+    python experiments.py calibrate-sparse      the sparse regime's calibration and its pre-registered comparison
+    python experiments.py sparse                (experiments_sparse.py; README "Sparse regime")
 
 Results are printed and appended to results/bench.jsonl with the machine description, as bench.py's.
 """
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from bench import machine, record
-from config import Config, parse_args
+from config import Config
 from eval import bootstrap, read_run
 
 
@@ -82,39 +84,57 @@ CALIBRATION = {  # candidate CPU recipes at the same rollout budget (32 rows a s
 }
 
 
+def step_groups(model, tok, fmt, tasks: list[dict], n_steps: int, P: int, G: int, temperature: float, budget: dict,
+                env_kw: dict | None = None) -> list[list]:
+    """The groups a run would sample at steps 1..n_steps from the model as it is: each step's P tasks of
+    `tasks` as train.py draws them (seed 0) x G rollouts, the sampler seeded by the step. budget:
+    max_turns, max_turn_tokens, max_total_tokens; env_kw: the math env's (the prompt)."""
+    from envs import make_env
+    from rollout import rollout
+    from train import step_tasks
+    groups = []
+    for step in range(1, n_steps + 1):
+        env_fn = functools.partial(make_env, "math", **(env_kw or {}))
+        trajs = rollout(model, tok, step_tasks(tasks, step, P, 0), env_fn, G, temperature=temperature,
+                        generator=torch.Generator().manual_seed(step), fmt=fmt, **budget)
+        groups += [trajs[i:i + G] for i in range(0, len(trajs), G)]
+    return groups
+
+
+def group_signal(groups: list[list]) -> dict:
+    """What a group-relative update can learn from: groups with mixed outcomes, groups whose shaped reward
+    varies at w = 1 (R = outcome + b), sampled success and tool use (fraction of rollouts with a tool call)."""
+    rows = [t for g in groups for t in g]
+    return {"groups": len(groups), "rows": len(rows),
+            "mixed_outcome_groups": sum(len({t.outcome for t in g}) > 1 for g in groups) / len(groups),
+            "nonzero_shaped_var_groups": sum(len({t.outcome + t.toolcall_bonus for t in g}) > 1
+                                             for g in groups) / len(groups),
+            "sampled_success": sum(t.success for t in rows) / len(rows),
+            "tool_use_rate": sum(t.n_tool_calls > 0 for t in rows) / len(rows)}
+
+
+def budgets(cfg: Config) -> dict:
+    """A config's rollout budgets, as rollout() and evaluate() take them."""
+    return dict(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
+
+
 def calibrate(a):
     """Signal in the CPU miniature: group-relative methods learn only from groups whose rewards differ.
     For each candidate recipe, the bundled model rolls out the tasks of steps 1..n of the TRAIN split (as
     train.py draws them, seed 0) and we count groups with mixed outcomes, groups with non-zero variance of
     the shaped reward at step 1 (w = 1: R = outcome + b), sampled success and tool use."""
-    from envs import load_tasks, make_env
+    from envs import load_tasks
     from model import load_model
     from chat import ChatFormat
-    from rollout import rollout
-    from train import step_tasks
-    cfg = Config()
     model, tok = load_model(a.model, device="cpu", dtype=torch.float32)
     fmt, out = ChatFormat(tok), {}
     n_steps = 1 if a.quick else 2
     for name, r in CALIBRATION.items():
         if a.recipes and name not in a.recipes.split(","):
             continue
-        tasks, t0, groups = load_tasks("math", "train", seed=0, levels=r["levels"]), time.time(), []
-        for step in range(1, n_steps + 1):
-            trajs = rollout(model, tok, step_tasks(tasks, step, r["P"], 0), functools.partial(make_env, "math"),
-                            r["G"], max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                            max_total_tokens=cfg.max_total_tokens, temperature=r["temperature"],
-                            generator=torch.Generator().manual_seed(step), fmt=fmt)
-            groups += [trajs[i:i + r["G"]] for i in range(0, len(trajs), r["G"])]
-        rows = [t for g in groups for t in g]
-        out[name] = {
-            "groups": len(groups), "rows": len(rows),
-            "mixed_outcome_groups": sum(len({t.outcome for t in g}) > 1 for g in groups) / len(groups),
-            "nonzero_shaped_var_groups": sum(len({t.outcome + t.toolcall_bonus for t in g}) > 1
-                                             for g in groups) / len(groups),
-            "sampled_success": sum(t.success for t in rows) / len(rows),
-            "tool_use_rate": sum(t.n_tool_calls > 0 for t in rows) / len(rows),
-            "seconds": time.time() - t0}
+        tasks, t0 = load_tasks("math", "train", seed=0, levels=r["levels"]), time.time()
+        groups = step_groups(model, tok, fmt, tasks, n_steps, r["P"], r["G"], r["temperature"], budgets(Config()))
+        out[name] = {**group_signal(groups), "seconds": time.time() - t0}
         print(f"[calibrate] {name}: {out[name]}", flush=True)
     return {"steps_per_recipe": n_steps, "recipes": out}
 
@@ -133,38 +153,33 @@ def git_commit() -> str:
     return (head or "unknown") + ("+uncommitted changes" if dirty.stdout.strip() else "")
 
 
-def learning(a):
-    """Every arm of ARMS x every seed, from the same model and tasks with train.py's default recipe; each
-    final checkpoint evaluated greedily on the same --final_n held-out tasks. A run whose results are in
-    <out>/<arm>-s<seed>/ (config.json, metrics.jsonl, final_eval.json) is skipped; a run cut short resumes
-    from its checkpoints (runs/learning-<env>-<arm>-s<seed>). Then the summary table and plot."""
+def run_comparison(root: str, arms: dict, seeds: list[int], common: list[str], test_tasks: list[dict], run_name: str,
+                   tag: str) -> None:
+    """Every arm x seed (seed-major): train.py with the `common` flags, the seed and the arm's flags; a run cut
+    short resumes from its checkpoints (runs/<run_name>, formatted with arm and seed). Its final checkpoint is
+    evaluated greedily on `test_tasks` in the regime of its config.json (budgets, tool format, math prompt),
+    and <root>/<arm>-s<seed>/ gets config.json, metrics.jsonl and, last, final_eval.json (per-task results,
+    commit, machine, dtype): a run whose final_eval.json exists is skipped."""
     import shutil
     import train
     from checkpoint import latest_checkpoint
-    from envs import load_tasks
+    from config import env_kwargs
     from eval import evaluate
     from model import load_model
-    steps, every = (1, 1) if a.quick else (a.steps, a.eval_every)
-    small = ["--train_batch_size", "2", "--n", "2", "--eval_n", "4", "--max_turns", "2", "--max_turn_tokens", "48"]
-    root = a.out or os.path.join("results", f"learning_{a.env}" + ("_quick" if a.quick else ""))
-    cfg = parse_args(["--env", a.env, *(small if a.quick else [])])
-    test_tasks = load_tasks(a.env, "test", n=4 if a.quick else a.final_n)
-    for seed in a.seeds:
-        for arm, flags in ARMS.items():
+    for seed in seeds:
+        for arm, flags in arms.items():
             res_dir = os.path.join(root, f"{arm}-s{seed}")
             if os.path.exists(os.path.join(res_dir, "final_eval.json")):
-                print(f"[learning] {res_dir}: done before, skipped", flush=True)
+                print(f"[{tag}] {res_dir}: done before, skipped", flush=True)
                 continue
-            run_dir = train.main(["--env", a.env, "--model", a.model, "--seed", str(seed), "--steps", str(steps),
-                                  "--eval_every", str(every), "--ckpt_every", str(every), "--resume", "auto",
-                                  "--run_name", f"learning-{a.env}-{arm}-s{seed}" + ("-quick" if a.quick else ""),
-                                  *(small if a.quick else []),
-                                  *flags])
+            argv = [*common, "--seed", str(seed), "--resume", "auto", "--run_name", run_name.format(arm=arm, seed=seed),
+                    *flags]
+            run_dir = train.main(argv)
+            cfg = Config(**json.load(open(os.path.join(run_dir, "config.json"))))  # as the run resolved it
             t0, ckpt = time.time(), latest_checkpoint(run_dir)
             model, tok = load_model(ckpt, dtype=torch.float32)
-            res = evaluate(model, tok, a.env, test_tasks, k=0, max_turns=cfg.max_turns,
-                           max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens)
-            res.update(arm=arm, seed=seed, flags=flags, commit=git_commit(), machine=machine(),
+            res = evaluate(model, tok, cfg.env, test_tasks, k=0, env_kw=env_kwargs(cfg), **budgets(cfg))
+            res.update(arm=arm, seed=seed, flags=flags, commit=git_commit(), machine=machine(), dtype="float32",
                        checkpoint=ckpt, eval_s=time.time() - t0)
             os.makedirs(res_dir, exist_ok=True)
             for name in ("config.json", "metrics.jsonl"):
@@ -172,26 +187,75 @@ def learning(a):
             with open(os.path.join(res_dir, ".final_eval.json"), "w") as f:
                 json.dump(res, f, indent=1)
             os.replace(os.path.join(res_dir, ".final_eval.json"), os.path.join(res_dir, "final_eval.json"))
-            print(f"[learning] {res_dir}: held-out pass@1 {res['pass@1']:.3f} on {len(test_tasks)} tasks", flush=True)
-    table = summarize_learning(root, list(ARMS), a.seeds, PAIRS)
+            print(f"[{tag}] {res_dir}: held-out pass@1 {res['pass@1']:.3f} on {len(test_tasks)} tasks", flush=True)
+
+
+QUICK_RUN = ["--train_batch_size", "2", "--n", "2", "--eval_n", "4", "--max_turns", "2", "--max_turn_tokens", "48"]
+# --quick (with --model tiny-random): a comparison harness end to end in seconds
+
+
+def learning(a):
+    """Every arm of ARMS x every seed, from the same model and tasks with train.py's default recipe; each
+    final checkpoint evaluated greedily on the same --final_n held-out tasks (run_comparison: resumes cut
+    runs, skips finished ones). Then the summary table and plot."""
+    from envs import load_tasks
+    steps, every = (1, 1) if a.quick else (a.steps or 14, a.eval_every or 7)
+    seeds = a.seeds or [0, 1, 2]
+    root = a.out or os.path.join("results", f"learning_{a.env}" + ("_quick" if a.quick else ""))
+    test_tasks = load_tasks(a.env, "test", n=4 if a.quick else a.final_n or 128)
+    common = ["--env", a.env, "--model", a.model, "--steps", str(steps), "--eval_every", str(every), "--ckpt_every",
+              str(every), *(QUICK_RUN if a.quick else [])]
+    run_comparison(root, ARMS, seeds, common, test_tasks,
+                   f"learning-{a.env}-{{arm}}-s{{seed}}" + ("-quick" if a.quick else ""), "learning")
+    table = summarize_learning(root, list(ARMS), seeds, PAIRS)
     print(table)
-    return {"root": root, "steps": steps, "seeds": a.seeds, "final_n": len(test_tasks)}
+    return {"root": root, "steps": steps, "seeds": seeds, "final_n": len(test_tasks)}
 
 
 CURVES = {"entropy": ("token entropy", "policy entropy"),  # metrics.jsonl key -> the plot's labels
           "tool_calls": ("tool calls per rollout", "tool use (training rollouts)")}
 
 
-def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list[tuple[str, str]]) -> str:
-    """The learning comparison from <root>/<arm>-s<seed>/{final_eval.json, metrics.jsonl}: per arm the
-    held-out pass@1 with its 95 % bootstrap interval, tool use, replay steps, the entropy and tool-call
-    curves; the paired differences; writes <root>/summary.{json,md,png} and returns the markdown."""
+def read_results(root: str, arms: list[str], seeds: list[int]) -> dict:
+    """(arm, seed) -> (final_eval.json, metrics.jsonl lines) of every finished run under root."""
     runs = {}
     for arm in arms:
         for s in seeds:
             d = os.path.join(root, f"{arm}-s{s}")
             if os.path.exists(os.path.join(d, "final_eval.json")):
                 runs[arm, s] = (json.load(open(os.path.join(d, "final_eval.json"))), read_run(d)["metrics"])
+    return runs
+
+
+def paired_differences(runs: dict, pairs: list[tuple[str, str]], seeds: list[int], values) -> dict:
+    """x - y on the seeds both arms finished, with its bootstrap interval: values(run) -> {key: value} (per task,
+    or per step), paired by seed and key."""
+    diffs = {}
+    for x, y in pairs:
+        common = [s for s in seeds if (x, s) in runs and (y, s) in runs]
+        if common:
+            keys = sorted(values(runs[x, common[0]]))
+            rows = lambda arm: [[values(runs[arm, s])[k] for k in keys] for s in common]
+            diffs[f"{x} - {y}"] = dict(zip(("mean", "lo", "hi"), bootstrap(rows(x), minus=rows(y))), seeds=common)
+    return diffs
+
+
+def plot_curves(axes, per_arm: dict, curves: dict) -> None:
+    """One panel per curve: per arm, the mean over its runs at each step (per_arm[arm][key]: one {step: value}
+    per run; a step a run did not log, e.g. no entropy when it trained no token, averages the others)."""
+    for ax, (k, (label, title)) in zip(axes, curves.items()):
+        for n in per_arm:
+            steps = sorted({s for c in per_arm[n][k] for s in c})
+            ax.plot(steps, [np.mean([c[s] for c in per_arm[n][k] if s in c]) for s in steps], marker=".", label=n)
+        ax.set(xlabel="step", ylabel=f"{label} (mean over seeds)", title=title)
+        ax.legend(fontsize=7)
+
+
+def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list[tuple[str, str]]) -> str:
+    """The learning comparison from <root>/<arm>-s<seed>/{final_eval.json, metrics.jsonl}: per arm the
+    held-out pass@1 with its 95 % bootstrap interval, tool use, replay steps, the entropy and tool-call
+    curves; the paired differences; writes <root>/summary.{json,md,png} and returns the markdown."""
+    runs = read_results(root, arms, seeds)
     per_arm, md = {}, ["| arm | seeds | held-out pass@1 [95 % CI] | tool-use rate | replay steps / run | "
                        "final train entropy | train min / run |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
@@ -212,13 +276,7 @@ def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list
         md.append(f"| {arm} | {len(have)} | {mean:.3f} [{lo:.3f}, {hi:.3f}] | {a['tool_use_rate']:.2f} | "
                   f"{np.mean(a['replay_steps']):.1f} | {f'{np.mean(last):.2f}' if last else '-'} | "
                   f"{np.mean(a['train_min']):.0f} |")
-    diffs = {}
-    for x, y in pairs:
-        common = [s for s in seeds if (x, s) in runs and (y, s) in runs]
-        if common:
-            tasks = sorted(runs[x, common[0]][0]["per_task"])
-            rows = lambda arm: [[runs[arm, s][0]["per_task"][t] for t in tasks] for s in common]
-            diffs[f"{x} - {y}"] = dict(zip(("mean", "lo", "hi"), bootstrap(rows(x), minus=rows(y))), seeds=common)
+    diffs = paired_differences(runs, pairs, seeds, lambda run: run[0]["per_task"])
     if diffs:
         md += ["", "| paired difference (same seeds, same tasks) | mean [95 % CI] |", "|---|---|"]
         md += [f"| {k} (seeds {v['seeds']}) | {v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] |"
@@ -237,12 +295,7 @@ def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list
                  yerr=np.abs(np.array([per_arm[n]["ci95"] for n in names]).T - [per_arm[n]["pass@1"] for n in names]))
     ax1.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     ax1.set(ylabel="held-out greedy pass@1 (95 % CI)", title="final checkpoints")
-    for ax, (k, (label, title)) in zip(axes, CURVES.items()):
-        for n in names:  # a step that trained no token has no entropy: the mean over the seeds that have one
-            steps = sorted({s for c in per_arm[n][k] for s in c})
-            ax.plot(steps, [np.mean([c[s] for c in per_arm[n][k] if s in c]) for s in steps], marker=".", label=n)
-        ax.set(xlabel="step", ylabel=f"{label} (mean over seeds)", title=title)
-        ax.legend(fontsize=7)
+    plot_curves(axes, per_arm, CURVES)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "summary.png"), dpi=110)
     return table
@@ -252,22 +305,31 @@ EXPERIMENTS = {"calibrate": calibrate, "sil": sil_check, "learning": learning}
 
 
 def main():
+    import experiments_sparse  # its own file; it builds on this one
+    experiments = {**EXPERIMENTS, "calibrate-sparse": experiments_sparse.calibrate_sparse,
+                   "sparse": experiments_sparse.sparse}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=list(EXPERIMENTS))
+    p.add_argument("name", choices=list(experiments))
     p.add_argument("--env", default="math", help="learning: the env to compare on")
-    p.add_argument("--steps", type=int, default=14, help="learning: steps per run (train.py's default)")
-    p.add_argument("--eval_every", type=int, default=7, help="learning: held-out eval interval")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
-                   help="learning: e.g. 0,1,2")
-    p.add_argument("--final_n", type=int, default=128, help="learning: held-out tasks for the final evals")
-    p.add_argument("--out", default=None, help="learning: results directory (default results/learning_<env>)")
+    p.add_argument("--steps", type=int, default=None, help="learning / sparse: steps per run (default 14 / 40)")
+    p.add_argument("--eval_every", type=int, default=None, help="learning / sparse: held-out eval interval "
+                   "(default 7 / steps // 2)")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="learning / sparse: e.g. 0,1,2 (default 0,1,2 / 0,1,2,3)")
+    p.add_argument("--final_n", type=int, default=None, help="learning / sparse: held-out tasks for the final evals "
+                   "(default 128 / 256)")
+    p.add_argument("--out", default=None, help="learning / sparse: results directory (default "
+                   "results/learning_<env>, results/sparse_math); calibrate-sparse: the JSON path (default "
+                   "results/calibration_sparse_math.json)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--calibration", default=None, help="sparse: the calibration JSON whose chosen regime it runs "
+                   "(default results/calibration_sparse_math.json)")
     p.add_argument("--ckpt", default="runs/learning-math-spear-s0/checkpoints/step_7",
                    help="sil: a SPEAR checkpoint whose buffer triggers at the next step")
     p.add_argument("--recipes", default="", help="calibrate: comma list of CALIBRATION names (default: all)")
     p.add_argument("--model", default="smollm2-135m")
     a = p.parse_args()
-    record({"bench": a.name, "quick": a.quick, "machine": machine(), **EXPERIMENTS[a.name](a)})
+    record({"bench": a.name, "quick": a.quick, "machine": machine(), **experiments[a.name](a)})
 
 
 if __name__ == "__main__":

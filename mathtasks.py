@@ -236,6 +236,18 @@ def read_jsonl_tasks(path: str) -> list[dict]:
     return tasks
 
 
+def parse_levels(text: str) -> tuple[int, ...]:
+    """The --levels flag: "3,4,5" -> (3, 4, 5), each a key of LEVEL_KINDS (a repeat weights a level)."""
+    try:
+        levels = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or any(lv not in LEVEL_KINDS for lv in levels):
+        raise ValueError(f"--levels must be a comma list of the math levels {','.join(map(str, LEVEL_KINDS))} "
+                         f"(e.g. 4,5), got {text!r}")
+    return levels
+
+
 def load_math_tasks(split: str, n: int | None = None, data: str | None = None, seed: int = 0,
                     levels=(1, 2, 3, 4, 5)) -> list[dict]:
     """Without `data`: n procedural tasks (default 10000 train / 500 test), levels mixed by index

@@ -28,7 +28,7 @@ from buffer import ReplayBuffer, Sample
 from checkpoint import (StorageError, append_logs, crash_point, latest_checkpoint, load_checkpoint,
                         prepare_run_dir, save_checkpoint, truncate_logs)
 from curriculum import sil_coef, toolcall_weight
-from config import Config, parse_args
+from config import Config, env_kwargs, parse_args, task_kwargs
 from envs import load_tasks, make_env
 from loss import FILTERS, group_advantages, response_filter_reasons, std_group_filter
 import distributed
@@ -115,11 +115,6 @@ def collect_rollouts(step: int, model, tok, fmt, tasks: list[dict], cfg: Config,
     return [t for t in trajs if not t.infra_error], sum(t.infra_error for t in trajs)
 
 
-def env_kwargs(cfg: Config) -> dict:
-    """make_env's keyword arguments for the run's env: math's tool-call format."""
-    return {"tool_format": cfg.tool_format} if cfg.env == "math" else {}
-
-
 def filter_reasons(trajs: list[Trajectory], enabled: str, env: str) -> list[list[str]]:
     """The enabled response filters (a comma list of loss.FILTERS, or none) each trajectory trips. Math's
     response is everything after the prompt; an agent's is its sampled steps (loss.response_filter_reasons)."""
@@ -201,9 +196,9 @@ def load_inputs(cfg: Config, ckpt: str | None, device, run_dir: str | None) -> t
     """Tasks, model, tokenizer and chat format, every training prompt's length and the sandbox checked, and
     (rank 0) the run dir written: bad input fails here in one line naming the fix, before any work."""
     try:
-        tasks = load_tasks(cfg.env, "train", data=cfg.data, seed=cfg.seed)
+        tasks = load_tasks(cfg.env, "train", data=cfg.data, seed=cfg.seed, **task_kwargs(cfg))
         test_tasks = load_tasks(cfg.env, "test", n=cfg.eval_n, seed=cfg.seed,
-                                data=cfg.data if cfg.env == "alfworld" else None)
+                                data=cfg.data if cfg.env == "alfworld" else None, **task_kwargs(cfg))
         # fp32 master weights everywhere (lr 1e-6 updates vanish in bf16 weights); bf16 autocast on GPU
         model, tok = load_model(ckpt or cfg.model, device=device, dtype=torch.float32)
         fmt = ChatFormat(tok)
