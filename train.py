@@ -130,14 +130,21 @@ def filter_reasons(trajs: list[Trajectory], enabled: str, env: str) -> list[list
 
 def step_metrics(step: int, trajs: list[Trajectory], reasons: list[list[str]], kept: set, on: list[Sample],
                  replay: list[Sample], m_on: dict, m_sil: dict, device) -> dict:
-    """The step's logged numbers: rollout statistics, filter and group counts, the two losses' metrics."""
+    """The step's logged numbers: rollout statistics, filter and group counts, the two losses' metrics.
+    bonus_only_groups: kept groups whose outcomes all agree but whose shaped rewards differ (the tool-call
+    bonus alone gives them non-zero advantages)."""
     n = max(len(trajs), 1)
+    groups: dict[int, list[Trajectory]] = {}
+    for t in trajs:
+        groups.setdefault(t.group, []).append(t)
     return {
         "step": step, "reward": float(torch.tensor([t.reward for t in trajs]).mean()) if trajs else 0.0,
         "outcome": sum(t.outcome for t in trajs) / n, "success": sum(t.success for t in trajs) / n,
         "tool_calls": sum(t.n_tool_calls for t in trajs) / n, "turns": sum(t.n_turns for t in trajs) / n,
         "response_length": sum(t.n_sampled for t in trajs) / n,
-        "kept_groups": len(kept), "n_groups": len({t.group for t in trajs}), "n_train": len(on),
+        "kept_groups": len(kept), "n_groups": len(groups), "n_train": len(on),
+        "bonus_only_groups": sum(len({t.outcome for t in groups[k]}) == 1 and len({t.reward for t in groups[k]}) > 1
+                                 for k in kept),
         **{f"filtered_{r}": sum(r in rs for rs in reasons) for r in FILTERS},
         **m_on, **{f"sil_{k}": v for k, v in m_sil.items()}, "n_replayed": len(replay),
         "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss()) / 2**30,

@@ -115,3 +115,19 @@ def test_overlong_is_the_response_budget_not_the_turn_or_step_cap(tiny, tok, scr
     at_step_cap = Trajectory(tokens=[1, 2, 3], loss_mask=[0, 1, 1], logprobs=[0.0] * 3, prompt_len=1, task_id="a",
                              group=0, finish="max_turns", turns=["<action>look</action>"] * 2)
     assert train.filter_reasons([at_step_cap], "overlong,incomplete", "alfworld") == [[]]
+
+
+def test_bonus_only_groups_counts_kept_groups_that_the_bonus_alone_splits():
+    import train
+    from rollout import Trajectory
+
+    def traj(g, outcome, reward):
+        return Trajectory(tokens=[1], loss_mask=[1], logprobs=[0.0], prompt_len=0, task_id=str(g), group=g,
+                          outcome=outcome, reward=reward)
+
+    trajs = [traj(0, -1, -1.0), traj(0, -1, -0.9),  # one outcome, the bonus splits R: counted
+             traj(1, -1, -1.0), traj(1, -1, -1.0),  # one outcome, one R
+             traj(2, 1, 1.0), traj(2, -1, -1.0),  # the outcomes split it
+             traj(3, -1, -1.0), traj(3, -1, -0.8)]  # bonus-split but dropped by the group filter
+    m = train.step_metrics(1, trajs, [[]] * 8, {0, 1, 2}, [], [], {}, {}, torch.device("cpu"))
+    assert (m["bonus_only_groups"], m["n_groups"], m["kept_groups"]) == (1, 4, 3)
