@@ -105,7 +105,10 @@ def calibrate_sparse(a):
     """The sparse regime's calibration, on the TRAIN split only: for each LADDER candidate (in order) the
     model at step 0 rolls out the 64 tasks of steps 1-16 (seed 0) x 8 samples at temperature 0.7 with the
     CPU default budgets (3 turns x 160 tokens, 1024 in all); the first candidate that meets every gate is
-    the regime. The JSON is rewritten after every candidate, so a cut walk shows how far it got."""
+    the regime. The JSON is rewritten after every candidate, so a cut walk shows how far it got; a rerun
+    with the same protocol takes the candidates it already holds from it (each candidate's rollouts depend on
+    nothing but the candidate: fixed tasks, seeds and model) and walks on from there, each candidate keeping
+    the commit and machine that measured it."""
     from chat import ChatFormat, tool_format
     from envs import load_tasks
     from model import load_model
@@ -130,11 +133,25 @@ def calibrate_sparse(a):
             json.dump(record, f, indent=1)
         os.replace(out_path + ".tmp", out_path)
 
+    earlier = {}
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            prev = json.load(f)
+        same = {"tool_format": "markdown", **prev["protocol"]} == record["protocol"]  # recorded before formats: markdown
+        if same and prev["model"] == model_name and not prev["finished"]:
+            earlier = {c["candidate"]: {"commit": prev["commit"], "machine": prev["machine"], **c}
+                       for c in prev["candidates"]}
+            print(f"[calibrate-sparse] {len(earlier)} candidates measured earlier, from {out_path}", flush=True)
+
     def measure(prompt, levels):
+        if candidate_name(prompt, levels) in earlier:
+            c = earlier[candidate_name(prompt, levels)]
+            return {k: v for k, v in c.items() if k not in ("candidate", "prompt", "levels", "gates", "qualifies")}
         tasks, t0 = load_tasks("math", "train", seed=0, levels=levels), time.time()
         groups = step_groups(model, tok, fmt, tasks, proto["steps"], proto["P"], proto["G"], proto["temperature"],
                              budget, env_kw={"prompt": prompt, "tool_format": calls})
-        s = {**sparse_signal(groups, {t["id"]: t["level"] for t in tasks}), "seconds": time.time() - t0}
+        s = {**sparse_signal(groups, {t["id"]: t["level"] for t in tasks}), "seconds": time.time() - t0,
+             "commit": record["commit"], "machine": record["machine"]}
         print(f"[calibrate-sparse] {candidate_name(prompt, levels)}: tool use {s['tool_use_rate']:.3f}, success "
               f"{s['sampled_success']:.3f}, groups with a success {s['groups_with_success']:.3f}, gates "
               f"{gates(s)} ({s['seconds']:.0f} s)", flush=True)

@@ -279,3 +279,31 @@ def test_summarize_sparse_endpoints_pairs_and_labels(tmp_path):
     out = json.loads((tmp_path / "summary.json").read_text())
     assert out["differences"]["all runs"]["auc_success"]["spear - drbot"]["mean"] == 0.0
     assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_a_cut_calibration_walk_resumes_from_its_json(tmp_path, monkeypatch):
+    """The walk is cut after 3 candidates (the JSON holds them); a rerun measures only the rest and keeps the
+    first three as measured (the tiny model qualifies nowhere, so the whole ladder is walked)."""
+    import argparse
+    import experiments_sparse as xs
+    real, calls = xs.step_groups, []
+
+    def counted(*a, **kw):
+        if len(calls) == 3 and cut["on"]:
+            raise KeyboardInterrupt
+        calls.append(kw["env_kw"]["prompt"])
+        return real(*a, **kw)
+
+    cut = {"on": True}
+    monkeypatch.setattr(xs, "step_groups", counted)
+    a = argparse.Namespace(quick=True, model="tiny-random", out=str(tmp_path / "cal.json"))
+    with pytest.raises(KeyboardInterrupt):
+        xs.calibrate_sparse(a)
+    first = json.load(open(tmp_path / "cal.json"))
+    assert len(first["candidates"]) == 3 and not first["finished"]
+    cut["on"], calls[:] = False, []
+    xs.calibrate_sparse(a)
+    done = json.load(open(tmp_path / "cal.json"))
+    assert len(calls) == len(xs.LADDER) - 3 and done["finished"] and len(done["candidates"]) == len(xs.LADDER)
+    assert done["candidates"][:3] == [{"commit": first["commit"], "machine": first["machine"], **c}
+                                      for c in first["candidates"]]
