@@ -8,8 +8,8 @@ the CPU recipe's calibration, self-imitation checked on a real replay batch, and
     python experiments.py learning [--env math] GRPO, Dr.BoT, SPEAR and two SPEAR ablations x 3 seeds, final
                                                 checkpoints on 128 held-out tasks; resumable, skips finished
                                                 runs; writes results/learning_<env>/ and its summary
-    python experiments.py calibrate-sparse      the sparse regime's calibration and its pre-registered comparison
-    python experiments.py sparse                (experiments_sparse.py; README "Sparse regime")
+    python experiments_sparse.py calibrate-sparse | sparse   the sparse regime's calibration and its
+                                                pre-registered comparison (README "Sparse regime")
 
 Results are printed and appended to results/bench.jsonl with the machine description, as bench.py's.
 """
@@ -304,10 +304,9 @@ def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list
 EXPERIMENTS = {"calibrate": calibrate, "sil": sil_check, "learning": learning}
 
 
-def main():
-    import experiments_sparse  # its own file; it builds on this one
-    experiments = {**EXPERIMENTS, "calibrate-sparse": experiments_sparse.calibrate_sparse,
-                   "sparse": experiments_sparse.sparse}
+def main(more: dict | None = None):
+    """The command line; `more`: further experiments by name (experiments_sparse.py passes its own)."""
+    experiments = {**EXPERIMENTS, **(more or {})}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=list(experiments))
     p.add_argument("--env", default="math", help="learning: the env to compare on")

@@ -1,10 +1,10 @@
 """SPEAR where the paper says it matters (README "Sparse regime"): rare wins, and a tool the model has not
 learned yet. Built on experiments.py (its rollout of a run's first steps and its comparison harness).
 
-    python experiments.py calibrate-sparse [--quick]   walk LADDER on the TRAIN split with the bundled model
+    python experiments_sparse.py calibrate-sparse [--quick]   walk LADDER on the TRAIN split with the bundled model
                                                        at step 0 and stop at the first candidate that meets
                                                        every gate: results/calibration_sparse_math.{json,md}
-    python experiments.py sparse [--seeds 0,1,2,3,4,5]  the pre-registered comparison at the calibrated regime:
+    python experiments_sparse.py sparse [--seeds 0,1,2,3,4,5]  the pre-registered comparison at the calibrated regime:
                                                        SPARSE_ARMS x seeds, results/sparse_math/<arm>-s<seed>/
                                                        (resumes cut runs, skips finished ones) and its summary
 """
@@ -23,8 +23,8 @@ import numpy as np
 from bench import machine
 from config import Config
 from eval import bootstrap
-from experiments import (QUICK_RUN, budgets, git_commit, group_signal, paired_differences, plot_curves, read_results,
-                         run_comparison, step_groups)
+from experiments import (QUICK_RUN, budgets, git_commit, group_signal, main, paired_differences, plot_curves,
+                         read_results, run_comparison, step_groups)
 
 # The ladder, fixed before it ran, from least help to most: the prompt (no example -> a non-math tool call ->
 # the worked demonstration), then within a prompt the task levels from hardest to easiest. Levels 3-5 are
@@ -186,7 +186,7 @@ CALIBRATION_JSON = os.path.join("results", "calibration_sparse_math.json")
 def calibrated_regime(path: str) -> dict:
     """The chosen candidate of a finished calibration, with its statistics; fails in one line naming the fix."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: no calibration at {path}. Fix: run `python experiments.py calibrate-sparse` "
+        raise SystemExit(f"error: no calibration at {path}. Fix: run `python experiments_sparse.py calibrate-sparse` "
                          f"first (or pass --calibration).")
     cal = json.load(open(path))
     if not cal.get("finished"):
@@ -332,3 +332,7 @@ def summarize_sparse(root: str, arms: list[str], seeds: list[int], pairs: list[t
     fig.tight_layout()
     fig.savefig(os.path.join(root, "summary.png"), dpi=110)
     return table
+
+
+if __name__ == "__main__":
+    main({"calibrate-sparse": calibrate_sparse, "sparse": sparse})
