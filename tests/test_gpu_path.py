@@ -194,17 +194,18 @@ def test_replay_ratio_is_exactly_one_for_an_unchanged_policy_under_bf16(tiny):
     """One SPEAR optimizer step under bf16 autocast, replaying the sequences the previous step stored (same
     micro-batches): their stored old log-probs are exactly what the trainer computes now, so ratio = 1."""
     from buffer import Sample
-    from update import optimizer_step
-    cfg = config.parse_args(TOY + ["--algo", "spear", "--lr", "0"])
+    from update import update_policy
+    cfg = config.parse_args(TOY + ["--algo", "spear", "--lr", "0", "--ppo_mini_batch_size", "4", "--sil_update", "summed"])
     model, cpu, g = copy.deepcopy(tiny), torch.device("cpu"), torch.Generator().manual_seed(0)
     policy, opt = LogProbs(model, "bf16"), torch.optim.AdamW(model.parameters(), lr=0.0)
     seqs = [Sample(tokens=torch.randint(0, 4000, (n,), generator=g).tolist(), loss_mask=[0] * 4 + [1] * (n - 4),
                    old_logp=None, reward=1.0, advantage=a, task_id=str(n), sampler_logp=[0.0] * n)
             for n, a in ((9, 1.0), (14, -0.5), (7, 0.5))]
-    optimizer_step(policy, model, opt, seqs, [], 0.0, cfg, g, cpu)  # step s: fills the old log-probs it stores
-    m_on, m_sil, _, finite = optimizer_step(policy, model, opt, copy.deepcopy(seqs), copy.deepcopy(seqs), 1.0, cfg, g,
-                                            cpu)  # step s + 1: the same sequences on-policy and replayed
-    assert finite and m_sil["trained_tokens"] == 5 + 10 + 3
+    groups = [0, 1, 2]
+    update_policy(policy, model, opt, seqs, groups, [], 0.0, cfg, g, cpu)  # step s: fills the old log-probs it stores
+    m_on, m_sil, up = update_policy(policy, model, opt, copy.deepcopy(seqs), groups, copy.deepcopy(seqs), 1.0, cfg, g,
+                                    cpu)  # step s + 1, one optimizer step: the same sequences on-policy and replayed
+    assert up["finite"] and m_sil["trained_tokens"] == 5 + 10 + 3
     assert m_sil["ratio_min"] == m_sil["ratio_max"] == 1.0
 
 

@@ -118,21 +118,36 @@ def test_rendered_prompt_holds_the_official_tool_schema_and_a_native_demonstrati
 # --------------------------------------------------------------------------- a scripted model, end to end
 class ScriptedLM(torch.nn.Module):
     """A "model" that, at position p, puts all its mass on target[p + 1]: greedy decoding reproduces
-    `target` as long as the sampler's token list is `target` itself, and drifts from it otherwise."""
+    `target` as long as the sampler's token list is `target` itself, and drifts from it otherwise. Shaped
+    like an HF causal LM as the sampler calls it: `.model` gives hidden states (here the next token id),
+    `get_output_embeddings()` the head that turns them into logits."""
+
+    class Body(torch.nn.Module):
+        def __init__(self, target):
+            super().__init__()
+            self.target = target
+
+        def forward(self, input_ids, position_ids, **kw):
+            pos = position_ids[:, -1]  # (R,)
+            nxt = [self.target[min(int(p) + 1, len(self.target) - 1)] for p in pos]
+            return SimpleNamespace(last_hidden_state=torch.tensor(nxt, dtype=torch.float32)[:, None, None])  # (R, 1, 1)
+
+    class Head(torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab, self.weight = vocab, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, h):  # (R, 1, 1) token ids -> (R, 1, V)
+            return torch.full((*h.shape[:-1], self.vocab), -1e4).scatter_(-1, h.long(), 0.0)
 
     def __init__(self, target: list[int], vocab: int):
         super().__init__()
-        self.target, self.vocab = target, vocab
         self.config = SimpleNamespace(num_hidden_layers=1, hidden_size=4, num_attention_heads=1, num_key_value_heads=1,
                                       head_dim=4)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.model, self.head = self.Body(target), self.Head(vocab)
 
-    def forward(self, input_ids, position_ids, logits_to_keep=1, **kw):
-        pos = position_ids[:, -1]  # (R,)
-        nxt = [self.target[min(int(p) + 1, len(self.target) - 1)] for p in pos]
-        logits = torch.full((len(nxt), 1, self.vocab), -1e4)
-        logits[torch.arange(len(nxt)), 0, nxt] = 0.0
-        return SimpleNamespace(logits=logits)
+    def get_output_embeddings(self):
+        return self.head
 
 
 def test_scripted_tool_call_runs_the_code_and_the_tool_turn_is_the_templates_own_rendering(qtok):
