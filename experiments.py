@@ -251,6 +251,14 @@ def plot_curves(axes, per_arm: dict, curves: dict) -> None:
         ax.legend(fontsize=7)
 
 
+def write_summary(root: str, per_arm: dict, diffs: dict, table: str) -> None:
+    """A comparison's summary.json (per-arm numbers, paired differences) and summary.md (its table)."""
+    with open(os.path.join(root, "summary.json"), "w") as f:
+        json.dump({"arms": per_arm, "differences": diffs}, f, indent=1)
+    with open(os.path.join(root, "summary.md"), "w") as f:
+        f.write(table + "\n")
+
+
 def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list[tuple[str, str]]) -> str:
     """The learning comparison from <root>/<arm>-s<seed>/{final_eval.json, metrics.jsonl}: per arm the
     held-out pass@1 with its 95 % bootstrap interval, tool use, replay steps, the entropy and tool-call
@@ -282,10 +290,7 @@ def summarize_learning(root: str, arms: list[str], seeds: list[int], pairs: list
         md += [f"| {k} (seeds {v['seeds']}) | {v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] |"
                for k, v in diffs.items()]
     table = "\n".join(md)
-    with open(os.path.join(root, "summary.json"), "w") as f:
-        json.dump({"arms": per_arm, "differences": diffs}, f, indent=1)
-    with open(os.path.join(root, "summary.md"), "w") as f:
-        f.write(table + "\n")
+    write_summary(root, per_arm, diffs, table)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,7 +24,7 @@ from bench import machine
 from config import Config
 from eval import bootstrap
 from experiments import (QUICK_RUN, budgets, git_commit, group_signal, main, paired_differences, plot_curves,
-                         read_results, run_comparison, step_groups)
+                         read_results, run_comparison, step_groups, write_summary)
 
 # The ladder, fixed before it ran, from least help to most: the prompt (no example -> a non-math tool call ->
 # the worked demonstration), then within a prompt the task levels from hardest to easiest. Levels 3-5 are
@@ -320,10 +320,7 @@ def summarize_sparse(root: str, arms: list[str], seeds: list[int], pairs: list[t
         md.append(f"| {arm}-s{s} | {runs[arm, s][0]['pass@1']:.3f} | {auc:.3f} | {c['replay_steps']} | "
                   f"{c['replayed_samples']} | {f(c['bonus_only_groups_first_third'])} | {label} |")
     table = "\n".join(md)
-    with open(os.path.join(root, "summary.json"), "w") as fh:
-        json.dump({"arms": per_arm, "differences": diffs}, fh, indent=1)
-    with open(os.path.join(root, "summary.md"), "w") as fh:
-        fh.write(table + "\n")
+    write_summary(root, per_arm, diffs, table)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -58,10 +58,11 @@ def update_policy(policy, model, opt, on: list[Sample], groups: list, replay: li
     are not touched by it) and the update reports finite = False."""
     size = cfg.ppo_mini_batch_size
     minis = [[on[i] for i in mb] for mb in mini_batches(groups, size)]
-    replays = [replay[k:k + size * cfg.n] for k in range(0, len(replay), size * cfg.n)] if lam > 0 else []
+    replay = replay if lam > 0 else []
     if cfg.sil_update == "summed":  # one mini-batch and one epoch (config.finalize)
-        plan = [[(on, 1.0, False), (replay if lam > 0 else [], lam, True)]]
+        plan = [[(on, 1.0, False), (replay, lam, True)]]
     else:
+        replays = [replay[k:k + size * cfg.n] for k in range(0, len(replay), size * cfg.n)]
         plan = ([[(mb, 1.0, False)] for mb in minis] + [[(mb, lam, True)] for mb in replays]) * cfg.ppo_epochs
     exact = len(minis) <= 1 and cfg.ppo_epochs == 1  # old = current: from the training forward, exactly
     model.train()
