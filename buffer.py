@@ -111,7 +111,7 @@ class ReplayBuffer:
         means = [float(x) for x in group_mean_rewards]
         if len(means) > self.baseline_size:
             raise ValueError(f"{len(means)} groups in one step exceed baseline_buffer_size="
-                             f"{self.baseline_size}; raise --baseline-size")
+                             f"{self.baseline_size}; raise --baseline_buffer_size")
         if self._history and step <= self._history[-1][0]:
             raise ValueError(f"observe_groups(step={step}) after step {self._history[-1][0]}: call it once per step")
         if means:

@@ -200,6 +200,9 @@ def finalize(cfg: Config) -> Config:
            cfg.max_nonfinite_steps) < 1:
         errors.append("--steps, --train_batch_size, --max_turns, --max_turn_tokens, --ckpt_every, --keep_ckpts and "
                       "--max_nonfinite_steps must be >= 1")
+    if cfg.use_replay and cfg.baseline_buffer_size < cfg.train_batch_size:
+        errors.append(f"--baseline_buffer_size {cfg.baseline_buffer_size} cannot hold one step's group means: raise it "
+                      f"to at least --train_batch_size ({cfg.train_batch_size})")
     if min(cfg.ppo_mini_batch_size, cfg.ppo_epochs) < 1:
         errors.append("--ppo_mini_batch_size and --ppo_epochs must be >= 1")
     if cfg.sil_update not in ("separate", "summed"):

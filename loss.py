@@ -72,7 +72,7 @@ def group_advantages(rewards, group_ids, norm_by_std):
         if (count < 2).any():
             g = groups[int((count < 2).nonzero()[0])]
             raise ValueError(f"group {g!r} has one trajectory: GRPO's std needs group size >= 2 "
-                             "(raise --group-size)")
+                             "(raise --n)")
         adv = adv / (var.sqrt()[inv] + 1e-6)
     is_t = isinstance(rewards, torch.Tensor)
     return adv.to(dtype=rewards.dtype if is_t and rewards.is_floating_point() else torch.float32,

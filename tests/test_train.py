@@ -25,6 +25,7 @@ def _metrics(run_dir):
     (["--n", "1"], "group size"), (["--loss_mode", "nope"], "loss_mode"), (["--rollout_filter_ratio", "0"], "(0, 1]"),
     (["--rollout_filter_ratio", "1.5"], "(0, 1]"), (["--algo", "ppo"], "unknown --algo"),
     (["--use_toolcall_reward", "linear"], "use_toolcall_reward"), (["--response_filters", "long"], "response_filters"), (["--weight_decay_trajectory_replay", "2"], "-1"),
+    (["--algo", "spear", "--train_batch_size", "4", "--baseline_buffer_size", "3"], "raise it to at least --train_batch_size (4)"),
 ])
 def test_invalid_config_fails_before_any_work(bad, msg, capsys):
     with pytest.raises(SystemExit) as e:
