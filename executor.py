@@ -1,12 +1,16 @@
 """The executor server of the code interpreter: the process that forks one child per model-written program.
 
-Run by sandbox.py's pool as `python -I -S -B executor.py --serve` with a scrubbed environment (-S
-skips .pth side effects; site-packages are appended after). It answers length-prefixed JSON requests
-{code, timeout, memory_mb} on stdin/stdout. Per request it forks a child (`_isolate`: new session,
-hard rlimits, a fresh private temp dir, stdin from /dev/null, output into a bounded pipe, then
-jail.py's kernel layers) that runs the code as a fresh `__main__`; the server enforces the wall clock
-and afterwards SIGKILLs the child's process group and, as a child subreaper, every descendant that
-escaped it. The trainer imports only the wire protocol (`send`, `recv`) and `remove_tree` from here.
+Run by sandbox.py's pool as `python -P -s -S -B executor.py --serve` with a scrubbed environment (-I
+without -E, so that the environment's PYTHONHASHSEED=0 holds; -S skips .pth side effects; site-packages
+are appended after). It answers length-prefixed JSON requests {code, timeout, memory_mb} on
+stdin/stdout. Per request it forks a child (`_isolate`: new session, hard rlimits, a fresh private temp
+dir, stdin from /dev/null, output into a bounded pipe, then jail.py's kernel layers) that runs the code
+as a fresh `__main__`; the server enforces the wall clock and afterwards SIGKILLs the child's process
+group and, as a child subreaper, every descendant that escaped it. The trainer imports only the wire
+protocol (`send`, `recv`) and `remove_tree` from here.
+A program's output is the same in every run (a rerun or a resumed training run sees the same tool
+outputs): fixed str hashes, `random` seeded with 0 in every child, object addresses renumbered. What
+still varies: the wall-clock timeout under load, the clock, process ids, numpy's global random state.
 """
 import ctypes
 import gc
@@ -14,6 +18,8 @@ import json
 import linecache
 import math
 import os
+import random
+import re
 import resource
 import select
 import shutil
@@ -38,6 +44,7 @@ _MEMORY_EXIT = 113     # child exit status for an uncaught MemoryError (reported
 _ACK = b"\x06"         # the child's first output byte, written once isolation is in place
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_ADDRESS = re.compile(r"(?<= at )0x[0-9a-f]+")   # CPython's '%p' in '<... at 0x...>' reprs
 
 
 # ------------------------------------------------- wire protocol (also used by the pool in sandbox.py)
@@ -155,7 +162,16 @@ def _execute(request, tmp, proto_out, cage):
         status, returncode = "memory", 1
     elif status is None:
         status = "ok" if returncode == 0 else "error"
-    return {"status": status, "output": out.decode("utf-8", "replace"), "returncode": returncode}
+    return {"status": status, "output": renumber_addresses(out.decode("utf-8", "replace")),
+            "returncode": returncode}
+
+
+def renumber_addresses(text):
+    """Object addresses in default reprs ('<function f at 0x7f3a...>') change from process to process
+    (ASLR, heap layout): number them 0x1, 0x2, ... in order of first appearance, so that the same object
+    keeps the same address within one output."""
+    seen = {}
+    return _ADDRESS.sub(lambda m: hex(seen.setdefault(m.group(), len(seen) + 1)), text)
 
 
 def _isolate(out_fd, tmp, timeout, memory_mb, cage, server):
@@ -186,6 +202,7 @@ def _run_user_code(code):
     """Run `code` as a fresh __main__ module (fresh globals; builtins are the server's pristine ones,
     since every run is a new fork). Returns the exit status python itself would give."""
     linecache.cache["<tool>"] = (len(code), None, code.splitlines(True), "<tool>")  # source in tracebacks
+    random.seed(0)                                      # the module the code imports: a fixed stream
     main = types.ModuleType("__main__")
     sys.modules["__main__"], sys.argv = main, ["<tool>"]
     try:

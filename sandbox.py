@@ -78,12 +78,13 @@ def _check_strict(level):
 
 
 def _server_env():
-    """The servers' whole environment: nothing is inherited from the trainer (no tokens, no keys)."""
+    """The servers' whole environment: nothing is inherited from the trainer (no tokens, no keys).
+    PYTHONHASHSEED=0: str hashes, and so the order of a printed set, are the same in every run."""
     tmp = tempfile.gettempdir()
     threads = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                 "NUMEXPR_NUM_THREADS")}
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **threads}
+            "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", **threads}
 
 
 class _ServerFailure(Exception):
@@ -101,7 +102,7 @@ class _Worker:
     def __init__(self):
         without = ["--without", ",".join(_WITHOUT)] if _WITHOUT else []
         self.proc = subprocess.Popen(
-            [_PYTHON, "-I", "-S", "-B", _EXECUTOR, "--serve", *without], stdin=subprocess.PIPE,
+            [_PYTHON, "-P", "-s", "-S", "-B", _EXECUTOR, "--serve", *without], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=_server_env(), cwd="/",   # stderr: the trainer's log
             close_fds=True, start_new_session=True, bufsize=0)
         self.rfd, self.wfd = self.proc.stdout.fileno(), self.proc.stdin.fileno()

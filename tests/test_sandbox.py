@@ -2,7 +2,10 @@
 Every hostile case ends with `assert_recovers()`: the next `print(1)` must still work."""
 import ast
 import os
+import random
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -216,8 +219,37 @@ def test_limits_stdin_session_and_environment():
     assert limits == str([(300 << 20, 300 << 20), (4, 5), (mb16, mb16), (64, 64), (0, 0)])
     assert session == "True ''"
     assert set(ast.literal_eval(env)) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE",
-                              "PYTHONDONTWRITEBYTECODE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                              "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                               "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"}
+
+
+REPRODUCIBLE = ("import random\nf = lambda: 0\nclass A: pass\n"
+                "print(f, f, A(), (x for x in []))\nprint(set('abcdefgh'), hash('spear'))\nprint(random.random())")
+
+
+def test_outputs_are_the_same_in_every_server_process(monkeypatch):
+    """Two fresh pools (new server processes, new address-space layouts): the same output, with the
+    addresses renumbered, str hashes of PYTHONHASHSEED=0 and `random` seeded with 0 in every run."""
+    outputs = []
+    for _ in range(2):
+        pool = sandbox._Pool(1)
+        monkeypatch.setattr(sandbox, "_POOL", pool)
+        outputs += [run_python(REPRODUCIBLE).output, run_python(REPRODUCIBLE).output]
+        for worker in pool.idle:
+            worker.close()
+    assert len(set(outputs)) == 1, outputs
+    objects, hashed, rand = outputs[0].splitlines()
+    assert objects == ("<function <lambda> at 0x1> <function <lambda> at 0x1> <__main__.A object at 0x2> "
+                       "<generator object <genexpr> at 0x3>")
+    host = subprocess.run([sys.executable, "-c", "print(set('abcdefgh'), hash('spear'))"], capture_output=True,
+                          text=True, env={"PYTHONHASHSEED": "0"}, check=True).stdout
+    assert hashed + "\n" == host
+    assert float(rand) == random.Random(0).random() == 0.8444218515250481
+
+
+def test_renumber_addresses_touches_only_reprs():
+    assert executor.renumber_addresses("<a at 0x7f01ab> <b object at 0x7f02> <a at 0x7f01ab> 0xff at0x1") == \
+        "<a at 0x1> <b object at 0x2> <a at 0x1> 0xff at0x1"
 
 
 def test_file_size_limit():
